@@ -1,0 +1,40 @@
+# qkernels: one place for every set-up step. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.deps-stamp
+
+.PHONY: install deps build build-cpu test test-fast demo bench clean
+
+install: build
+
+deps: $(STAMP)
+
+# Dependencies are reinstalled only when requirements.txt changes.
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+# flock: helpers and editors may build at the same time; ninja skips what is up to date.
+build: deps
+	flock .build.lock $(PY) setup.py --quiet build_ext --inplace
+
+build-cpu: deps
+	QKERNELS_CPU_ONLY=1 flock .build.lock $(PY) setup.py --quiet build_ext --inplace
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: build-cpu
+	$(PY) -m pytest -q -x tests
+
+demo: install
+	$(PY) -m ssd.demo --out demo
+
+bench: install
+	$(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf build qkernels/*.so *.egg-info

@@ -1,0 +1,38 @@
+// Argument checks shared by the CPU and CUDA entry points: every message names what was expected
+// and what came.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace qkernels {
+
+inline void check_bits(int64_t bits) {
+  TORCH_CHECK(bits >= 2 && bits <= 16, "qkernels: bits must be in [2, 16], got ", bits);
+}
+
+inline void check_float_input(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "qkernels: ", name, " must be float32, float16 or bfloat16, got ", x.scalar_type());
+}
+
+inline void check_scalar_scale(const at::Tensor& scale, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(scale.scalar_type() == at::kFloat, "qkernels: ", name, " must be float32, got ", scale.scalar_type());
+  TORCH_CHECK(scale.numel() == 1, "qkernels: ", name, " must hold one value, got shape ", scale.sizes());
+  TORCH_CHECK(scale.device() == x.device(), "qkernels: ", name, " is on ", scale.device(), " but the input is on ",
+              x.device());
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), "qkernels: ", name, " is on ", t.device(), " but the input is on ", x.device());
+}
+
+inline int64_t wrap_axis(int64_t axis, const at::Tensor& x) {
+  int64_t dim = x.dim();
+  TORCH_CHECK(dim >= 1, "qkernels: channel-wise quantization needs at least 1 dimension, got a 0-dim tensor");
+  TORCH_CHECK(axis >= -dim && axis < dim, "qkernels: axis ", axis, " is out of range for a ", dim, "-dim tensor");
+  return axis < 0 ? axis + dim : axis;
+}
+
+inline at::ScalarType code_dtype(int64_t bits) { return bits <= 8 ? at::kChar : at::kShort; }
+
+}  // namespace qkernels

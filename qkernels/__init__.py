@@ -1,0 +1,5 @@
+"""qkernels: quantization-aware training and real int8 inference kernels for PyTorch."""
+from ._library import has_cuda_kernels  # noqa: F401  (loads the compiled operators first)
+from .ops import *  # noqa: F401,F403
+
+__version__ = "0.1.0"

@@ -1,0 +1,24 @@
+"""Public operators: thin Python signatures over torch.ops.qkernels.* with fake kernels and autograd."""
+from .fake_quant import (  # noqa: F401
+    abs_max,
+    fake_channel_wise_quant_abs_max,
+    fake_quant_abs_max,
+    fake_quant_with_scale,
+    moving_average_abs_max_update_,
+    quantize_abs_max,
+    quantize_channel_wise_abs_max,
+    quantize_with_scale,
+    range_abs_max_update_,
+)
+
+__all__ = [
+    "abs_max",
+    "fake_channel_wise_quant_abs_max",
+    "fake_quant_abs_max",
+    "fake_quant_with_scale",
+    "moving_average_abs_max_update_",
+    "quantize_abs_max",
+    "quantize_channel_wise_abs_max",
+    "quantize_with_scale",
+    "range_abs_max_update_",
+]

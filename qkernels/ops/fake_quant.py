@@ -1,0 +1,220 @@
+"""Fake-quantize operators (reference-semantics.md, section 2).
+
+Semantics shared by every op here:
+- ``bin = 2**(bits-1) - 1``; codes ``q = round(clip(x, -s, s) * bin / s)``, rounding half away from zero;
+  fake-quant output ``q * s / bin`` in the input dtype (float32, float16 or bfloat16; computed in float32).
+- A scale at or below 1e-30 (an all-zero input) gives all-zero output, never NaN or Inf.
+- NaN and +-Inf never set a scale (``abs_max`` is the max over finite values). NaN inputs stay NaN in
+  fake-quant outputs and become code 0; +-Inf is clipped to +-scale.
+- Gradients are straight-through: ``ste="identity"`` (the reference) passes them unchanged,
+  ``ste="clip"`` zeroes them where the input was clipped (|x| > s, or x not finite).
+"""
+from typing import Tuple
+
+import torch
+
+from .._library import check_backend, ops
+
+STE_MODES = ("identity", "clip")
+
+
+def _clip_grad_flag(ste: str) -> bool:
+    if ste not in STE_MODES:
+        raise ValueError("qkernels: ste must be one of %s, got %r" % (STE_MODES, ste))
+    return ste == "clip"
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
+        raise ValueError("qkernels: bits must be an int in [2, 16], got %r" % (bits,))
+
+
+def _check_input(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError("qkernels: expected a torch.Tensor, got %s" % type(x).__name__)
+    check_backend(x)
+
+
+def code_dtype(bits: int) -> torch.dtype:
+    """Storage dtype of integer codes: int8 up to 8 bits, int16 above."""
+    return torch.int8 if bits <= 8 else torch.int16
+
+
+def abs_max(x: torch.Tensor) -> torch.Tensor:
+    """max|x| over the finite values of x, as a 0-dim float32 tensor on x's device."""
+    _check_input(x)
+    return ops.abs_max(x)
+
+
+def fake_quant_abs_max(x: torch.Tensor, bits: int = 8, ste: str = "identity") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic (``abs_max``) fake quantization: returns ``(out, scale)`` with ``scale = max|x|``."""
+    _check_input(x)
+    _check_bits(bits)
+    return ops.fake_quant_abs_max(x, bits, _clip_grad_flag(ste))
+
+
+def quantize_abs_max(x: torch.Tensor, bits: int = 8) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (int8, or int16 above 8 bits) and the scale ``max|x|``."""
+    _check_input(x)
+    _check_bits(bits)
+    return ops.quantize_abs_max(x, bits)
+
+
+def _as_scale(scale, like: torch.Tensor) -> torch.Tensor:
+    if not isinstance(scale, torch.Tensor):
+        return torch.tensor(float(scale), dtype=torch.float32, device=like.device)
+    return scale
+
+
+def fake_quant_with_scale(x: torch.Tensor, scale, bits: int = 8, ste: str = "identity") -> torch.Tensor:
+    """Fake quantization with a given scale (a float or a one-element float32 tensor): static use."""
+    _check_input(x)
+    _check_bits(bits)
+    return ops.fake_quant_with_scale(x, _as_scale(scale, x), bits, _clip_grad_flag(ste))
+
+
+def quantize_with_scale(x: torch.Tensor, scale, bits: int = 8) -> torch.Tensor:
+    """Integer codes of x for a given scale."""
+    _check_input(x)
+    _check_bits(bits)
+    return ops.quantize_with_scale(x, _as_scale(scale, x), bits)
+
+
+def fake_channel_wise_quant_abs_max(
+    x: torch.Tensor, bits: int = 8, axis: int = 0, ste: str = "identity"
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One scale per slice along ``axis`` (0 for conv and PyTorch linear weights): ``(out, scales)``."""
+    _check_input(x)
+    _check_bits(bits)
+    return ops.fake_channel_wise_quant_abs_max(x, bits, axis, _clip_grad_flag(ste))
+
+
+def quantize_channel_wise_abs_max(x: torch.Tensor, bits: int = 8, axis: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel integer codes and scales."""
+    _check_input(x)
+    _check_bits(bits)
+    return ops.quantize_channel_wise_abs_max(x, bits, axis)
+
+
+def range_abs_max_update_(x, scale, window, step, window_size: int) -> None:
+    """Training step of ``range_abs_max``: push ``max|x|`` into the window, set ``scale`` to the window max.
+
+    All state is updated in place on x's device; nothing is read back to the host. To share the state
+    across processes, reduce ``abs_max(x)`` (MAX) first and pass that 0-dim tensor as ``x``.
+    """
+    _check_input(x)
+    ops.range_abs_max_update_(x, scale, window, step, window_size)
+
+
+def moving_average_abs_max_update_(x, scale, accum, state, moving_rate: float = 0.9) -> None:
+    """Training step of ``moving_average_abs_max``: ``state = r*state + 1; accum = r*accum + max|x|;
+    scale = accum / state``, in place on x's device."""
+    _check_input(x)
+    ops.moving_average_abs_max_update_(x, scale, accum, state, float(moving_rate))
+
+
+# --- fake (meta) kernels: shapes and dtypes only, so torch.compile traces without graph breaks ------
+
+def _scalar_like(x):
+    return x.new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("qkernels::abs_max")
+def _(x):
+    return _scalar_like(x)
+
+
+@torch.library.register_fake("qkernels::fake_quant_abs_max")
+def _(x, bits, clip_grad=False):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), _scalar_like(x)
+
+
+@torch.library.register_fake("qkernels::quantize_abs_max")
+def _(x, bits):
+    return x.new_empty(x.shape, dtype=code_dtype(bits)), _scalar_like(x)
+
+
+@torch.library.register_fake("qkernels::fake_quant_with_scale")
+def _(x, scale, bits, clip_grad=False):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("qkernels::quantize_with_scale")
+def _(x, scale, bits):
+    return x.new_empty(x.shape, dtype=code_dtype(bits))
+
+
+@torch.library.register_fake("qkernels::fake_channel_wise_quant_abs_max")
+def _(x, bits, axis, clip_grad=False):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((x.shape[axis],), dtype=torch.float32)
+
+
+@torch.library.register_fake("qkernels::quantize_channel_wise_abs_max")
+def _(x, bits, axis):
+    return x.new_empty(x.shape, dtype=code_dtype(bits)), x.new_empty((x.shape[axis],), dtype=torch.float32)
+
+
+@torch.library.register_fake("qkernels::fake_quant_clip_grad")
+def _(grad, x, scale):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("qkernels::range_abs_max_update_")
+def _(x, scale, window, step, window_size):
+    return None
+
+
+@torch.library.register_fake("qkernels::moving_average_abs_max_update_")
+def _(x, scale, accum, state, moving_rate):
+    return None
+
+
+# --- autograd: straight-through estimators ---------------------------------------------------------
+
+def _setup_per_tensor(ctx, inputs, output):
+    x, clip = inputs[0], inputs[-1]
+    ctx.clip = clip
+    if clip:
+        scale = inputs[1] if len(inputs) == 4 else output[1]
+        ctx.save_for_backward(x, scale)
+
+
+def _backward_per_tensor(ctx, grad):
+    if not ctx.clip:
+        return grad
+    x, scale = ctx.saved_tensors
+    return ops.fake_quant_clip_grad(grad.contiguous(), x, scale.reshape(()))
+
+
+def _backward_abs_max(ctx, grad_out, grad_scale):
+    return _backward_per_tensor(ctx, grad_out), None, None
+
+
+def _backward_with_scale(ctx, grad_out):
+    return _backward_per_tensor(ctx, grad_out), None, None, None
+
+
+def _setup_channel_wise(ctx, inputs, output):
+    x, _bits, axis, clip = inputs
+    ctx.clip = clip
+    ctx.axis = axis
+    if clip:
+        ctx.save_for_backward(x, output[1])
+
+
+def _backward_channel_wise(ctx, grad_out, grad_scales):
+    if not ctx.clip:
+        return grad_out, None, None, None
+    x, scales = ctx.saved_tensors
+    axis = ctx.axis % x.dim()
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    keep = x.float().abs() <= scales.view(shape)
+    return grad_out * keep.to(grad_out.dtype), None, None, None
+
+
+torch.library.register_autograd("qkernels::fake_quant_abs_max", _backward_abs_max, setup_context=_setup_per_tensor)
+torch.library.register_autograd("qkernels::fake_quant_with_scale", _backward_with_scale, setup_context=_setup_per_tensor)
+torch.library.register_autograd(
+    "qkernels::fake_channel_wise_quant_abs_max", _backward_channel_wise, setup_context=_setup_channel_wise
+)

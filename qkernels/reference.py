@@ -1,0 +1,92 @@
+"""Plain-PyTorch references of every qkernels op, written for clarity, computed in float64.
+
+Tests compare the kernels with these; benchmarks use the eager compositions as baselines. Nothing
+here imports the compiled library.
+"""
+import torch
+
+
+def bin_count(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def round_half_away(t: torch.Tensor) -> torch.Tensor:
+    """C round(): ties go away from zero (torch.round goes to even)."""
+    return torch.sign(t) * torch.floor(t.abs() + 0.5)
+
+
+def finite_abs_max(x: torch.Tensor) -> torch.Tensor:
+    a = x.double().abs()
+    a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+    return a.max() if a.numel() else torch.zeros((), dtype=torch.float64)
+
+
+def quant_codes(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """round(clip(x, -s, s) / s * bin) in float64; zero where the scale is (almost) zero."""
+    xd, s = x.double(), scale.double()
+    usable = s > 1e-30
+    safe = torch.where(usable, s, torch.ones_like(s))
+    q = round_half_away(torch.maximum(torch.minimum(xd, safe), -safe) / safe * bin_count(bits))
+    return torch.where(usable, q, torch.zeros_like(q))
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    s = scale.double()
+    return quant_codes(x, scale, bits) * s / bin_count(bits)
+
+
+def fake_quant_abs_max(x: torch.Tensor, bits: int = 8):
+    s = finite_abs_max(x)
+    return fake_quant(x, s, bits), s
+
+
+def fake_channel_wise_quant_abs_max(x: torch.Tensor, bits: int = 8, axis: int = 0):
+    axis = axis % x.dim()
+    moved = x.double().movedim(axis, 0)
+    flat = moved.reshape(moved.shape[0], -1)
+    a = flat.abs()
+    a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+    scales = a.amax(dim=1) if flat.shape[1] else torch.zeros(flat.shape[0], dtype=torch.float64)
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    s = scales.view(shape)
+    return fake_quant(x, s, bits), scales
+
+
+class RangeAbsMaxReference:
+    """range_abs_max state by its definition: the max of the last `window_size` batch maxima. The
+    initial scale 0.001 stands until some batch maximum exceeds it."""
+
+    def __init__(self, window_size: int):
+        self.window_size = window_size
+        self.history = []
+        self.scale = 0.001
+        self.surpassed = False
+
+    def update(self, x: torch.Tensor) -> float:
+        cur = float(finite_abs_max(x).float())
+        self.history.append(cur)
+        self.surpassed = self.surpassed or cur > 0.001
+        self.scale = max(self.history[-self.window_size:]) if self.surpassed else 0.001
+        return self.scale
+
+
+class MovingAverageAbsMaxReference:
+    def __init__(self, moving_rate: float = 0.9):
+        self.rate, self.accum, self.state, self.scale = moving_rate, 1.0, 1.0, 0.001
+
+    def update(self, x: torch.Tensor) -> float:
+        cur = float(finite_abs_max(x).float())
+        self.state = self.rate * self.state + 1.0
+        self.accum = self.rate * self.accum + cur
+        self.scale = self.accum / self.state
+        return self.scale
+
+
+def eager_fake_quant_abs_max(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """PyTorch's own composition (the benchmark peer): abs().max() then fake_quantize_per_tensor_affine.
+    Note: torch rounds ties to even, so results differ from the reference on exact ties."""
+    b = bin_count(bits)
+    s = x.abs().max().float()
+    step = torch.clamp(s / b, min=1e-30)
+    return torch.fake_quantize_per_tensor_affine(x, step, torch.zeros((), dtype=torch.int32), -b, b)
