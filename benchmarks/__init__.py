@@ -1,0 +1,1 @@
+"""Benchmarks of qkernels against PyTorch peers. Run them all with `python -m benchmarks.run_all`."""
