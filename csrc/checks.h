@@ -26,6 +26,14 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& x, const ch
   TORCH_CHECK(t.device() == x.device(), "qkernels: ", name, " is on ", t.device(), " but the input is on ", x.device());
 }
 
+// Quantizer state tensors are updated in place by the kernels.
+inline void check_state(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.scalar_type() == dtype, "qkernels: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.numel() == numel, "qkernels: ", name, " must hold ", numel, " values, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "qkernels: ", name, " must be contiguous (it is updated in place)");
+  check_same_device(t, x, name);
+}
+
 inline int64_t wrap_axis(int64_t axis, const at::Tensor& x) {
   int64_t dim = x.dim();
   TORCH_CHECK(dim >= 1, "qkernels: channel-wise quantization needs at least 1 dimension, got a 0-dim tensor");

@@ -223,13 +223,6 @@ at::Tensor fake_quant_clip_grad_cpu(const at::Tensor& grad, const at::Tensor& x,
   return out;
 }
 
-void check_state(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t.scalar_type() == dtype, "qkernels: ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.numel() == numel, "qkernels: ", name, " must hold ", numel, " values, got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "qkernels: ", name, " must be contiguous (it is updated in place)");
-  check_same_device(t, x, name);
-}
-
 void range_abs_max_update_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& window,
                               const at::Tensor& step, int64_t window_size) {
   TORCH_CHECK(window_size >= 1, "qkernels: window_size must be >= 1, got ", window_size);
