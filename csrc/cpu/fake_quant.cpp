@@ -36,6 +36,8 @@ QK_INLINE float bits_to_float(uint32_t u) {
 template <typename T>
 QK_INLINE uint32_t abs_max_bits_body(const T* x, int64_t n) {
   uint32_t m = 0;
+  // GCC 12 does not if-convert this reduction on its own; the pragma makes it vectorise.
+#pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < n; ++i) {
     uint32_t a = abs_bits(x[i]);
     m = a > m ? a : m;
