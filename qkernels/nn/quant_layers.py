@@ -1,0 +1,82 @@
+"""QuantConv2d / QuantLinear: the training form made by ``QuantizeTranspiler.training_transpile``.
+
+Each layer fake-quantizes its input activation and its weight with the qkernels ops, then runs the float
+conv / linear. They subclass nn.Conv2d / nn.Linear and reuse the original ``weight`` and ``bias``
+Parameter objects, so float checkpoints load before or after transpiling and an optimizer built on the
+float model keeps training the same tensors.
+
+Deviation from the reference (which quantizes a tensor used by several layers once): here every layer
+quantizes its own input. Each consumer's quantizer sees the same inputs, so the results (and static
+states) are identical; only the work is repeated.
+"""
+from typing import Optional
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .bn_fold import batch_norm_after_fold, bn_factor
+from .quantizers import ActivationQuantizer, FakeQuantWeight
+
+
+class QuantConv2d(nn.Conv2d):
+    """nn.Conv2d with fake-quantized input and weight (optionally with the next BatchNorm2d folded in)."""
+
+    input_quantizer: ActivationQuantizer
+    weight_quantizer: FakeQuantWeight
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, input_quantizer: ActivationQuantizer, weight_quantizer: FakeQuantWeight,
+                   bn: Optional[nn.BatchNorm2d] = None) -> "QuantConv2d":
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                  dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                  padding_mode=conv.padding_mode, device="meta")
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new.input_quantizer = input_quantizer
+        new.weight_quantizer = weight_quantizer
+        # The folded BatchNorm2d stays registered at its own place in the model (a FoldedBatchNorm2d):
+        # keep an unregistered reference so that its state is not listed twice.
+        new._folded_bn = (bn,) if bn is not None else ()
+        new.train(conv.training)
+        return new
+
+    @property
+    def folded_bn(self) -> Optional[nn.BatchNorm2d]:
+        return self._folded_bn[0] if self._folded_bn else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_quantizer(x)
+        if not self._folded_bn:
+            return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
+        bn = self._folded_bn[0]
+        factor = bn_factor(bn)
+        w = self.weight_quantizer(self.weight * factor.reshape(-1, 1, 1, 1))
+        y = self._conv_forward(x, w, None) / factor.reshape(1, -1, 1, 1)
+        if self.bias is not None:
+            y = y + self.bias.reshape(1, -1, 1, 1)
+        return batch_norm_after_fold(y, bn)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", bn folded" if self._folded_bn else "")
+
+
+class QuantLinear(nn.Linear):
+    """nn.Linear with fake-quantized input and weight (weight axis 0 = output features)."""
+
+    input_quantizer: ActivationQuantizer
+    weight_quantizer: FakeQuantWeight
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, input_quantizer: ActivationQuantizer,
+                   weight_quantizer: FakeQuantWeight) -> "QuantLinear":
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.input_quantizer = input_quantizer
+        new.weight_quantizer = weight_quantizer
+        new.train(linear.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
