@@ -287,9 +287,7 @@ def main():
     parser.add_argument("--compile-budget", type=float, default=None,
                         help="seconds of torch.compile warm-up allowed in total (default 90, 45 with --quick)")
     args = parser.parse_args()
-    device = common.resolve_device(args.device)
-    env = common.environment(device)
-    torch.manual_seed(0)
+    device, env = common.setup(args)
     budget = args.compile_budget if args.compile_budget is not None else (45.0 if args.quick else 90.0)
     compiler = Compiler(not args.no_compile, budget)
     inputs = {case: per_tensor_inputs(n, device) for case, n in SIZES.items()}

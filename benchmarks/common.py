@@ -2,16 +2,16 @@
 
 Every bench_*.py script uses it the same way:
 
-    parser = common.arg_parser(__doc__)            # --device cpu|cuda, --quick, --results-dir, --no-save
+    parser = common.arg_parser(__doc__)   # --device cpu|cuda, --quick, --threads, --results-dir, --no-save
     args = parser.parse_args()
-    device = common.resolve_device(args.device)
+    device, env = common.setup(args)      # resolves the device, applies --threads, seeds, records the environment
     xs = common.rotating(lambda: torch.randn(n, device=device), common.buffer_count(4 * n))
     section = common.Section("fake_quant_fwd", "Fake quant forward", bandwidth_ref="copy")
     ours = common.measure(lambda x: op(x), xs, device, quick=args.quick)
     peers = {"eager": common.measure(lambda x: eager(x), xs, device, quick=args.quick)}
     section.add_row("16M", ours, peers, bytes_moved=8 * n)
     section.add_target("16M: >= 3x faster than eager", met=..., detail="...")
-    common.publish("bench_fake_quant", [section], args, device)
+    common.publish("bench_fake_quant", [section], args, device, env)
 
 Timing is the median of several samples, each a batch of calls long enough to time reliably, after a
 warm-up (which also absorbs torch.compile). The device is synchronised around every sample (CUDA events
@@ -254,7 +254,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def section_markdown(sec: Dict[str, Any]) -> str:
+def section_markdown(sec: Dict[str, Any], level: int = 2) -> str:
     """Markdown of a section dict (as written by Section.to_dict, so merged JSON renders the same)."""
     peers: List[str] = []
     for row in sec["rows"]:
@@ -264,7 +264,7 @@ def section_markdown(sec: Dict[str, Any]) -> str:
     head = ["case", sec.get("ours_label") or "ours"] + ["%s (%s/ours)" % (p, p) for p in peers]
     if with_bw:
         head += ["ours GB/s"] + (["%s GB/s" % ref, "ours %% of %s BW" % ref] if ref else [])
-    lines = ["## " + sec["title"], ""]
+    lines = ["#" * level + " " + sec["title"], ""]
     lines += [n for n in sec.get("notes", [])]
     if sec.get("notes"):
         lines.append("")
@@ -408,9 +408,20 @@ def arg_parser(description: Optional[str]) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (what run_all uses)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 is steadier on a loaded machine")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where result files go")
     parser.add_argument("--no-save", action="store_true", help="print the tables only")
     return parser
+
+
+def setup(args: argparse.Namespace):
+    """Common start of a benchmark script: (device, environment record taken before measuring)."""
+    device = resolve_device(args.device)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return device, environment(device)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -427,13 +438,18 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def script_markdown(doc: Dict[str, Any]) -> str:
-    env = doc["environment"]
-    head = "# %s\n\nMeasured %s UTC, load average %s, `%s`\n\n" % (
-        doc["script"], env.get("timestamp_utc"), env.get("loadavg_1_5_15"), doc.get("command", ""))
-    if doc.get("loadavg_after") is not None:
-        head += "Load average after the run: %s\n\n" % (doc["loadavg_after"],)
-    return head + "\n".join(section_markdown(s) for s in doc["sections"])
+def script_markdown(doc: Dict[str, Any], level: int = 1) -> str:
+    """One script's results: a heading, when and under what load it ran, then its tables."""
+    env = doc.get("environment") or {}
+    title = "Run summary (run_all)" if doc["script"] == "_run_all" else doc["script"]
+    text = "%s %s\n\nMeasured %s UTC, load average %s before and %s after: `%s`\n\n" % (
+        "#" * level, title, env.get("timestamp_utc"), env.get("loadavg_1_5_15"), doc.get("loadavg_after"),
+        doc.get("command", ""))
+    if doc.get("error"):
+        text += "Error: %s\n\n" % doc["error"]
+    if doc.get("extra_markdown"):
+        text += doc["extra_markdown"] + "\n"
+    return text + "\n".join(section_markdown(s, level + 1) for s in doc.get("sections") or [])
 
 
 def publish(script: str, sections: List[Section], args: argparse.Namespace, device: torch.device,
@@ -484,10 +500,7 @@ def merge_results(results_dir: Path, device: torch.device) -> Path:
           "How to read these tables: benchmarks/README.md. Ratios are peer time / our time: "
           "above 1 means qkernels is faster.\n", "## Environment\n", environment_markdown(env)]
     for doc in docs:
-        md.append(script_markdown(doc).replace("\n## ", "\n### ").replace("# " + doc["script"], "## " + doc["script"], 1)
-                  if doc.get("sections") is not None else "")
-        if doc.get("error"):
-            md.append("Error: %s\n" % doc["error"])
+        md.append(script_markdown(doc, level=2))
     write_atomic(results_dir / (slug + ".json"), json.dumps(_nan_to_none(merged), indent=1) + "\n")
     out = results_dir / (slug + ".md")
     write_atomic(out, "\n".join(md))
