@@ -3,3 +3,5 @@ from ._library import has_cuda_kernels  # noqa: F401  (loads the compiled operat
 from .ops import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
+from . import nn  # noqa: E402,F401  (quantizer modules and quantized layers)
+from .transpiler import QuantizeTranspiler  # noqa: E402,F401
