@@ -90,3 +90,39 @@ def eager_fake_quant_abs_max(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     s = x.abs().max().float()
     step = torch.clamp(s / b, min=1e-30)
     return torch.fake_quantize_per_tensor_affine(x, step, torch.zeros((), dtype=torch.int32), -b, b)
+
+
+# --- int8 convolution / linear (qkernels.conv2d_int8, qkernels.linear_int8) -------------------------
+
+def _int8_epilogue(acc: torch.Tensor, scale, bias, out_dtype, activation, channel_dim: int) -> torch.Tensor:
+    """act(acc * scale + bias) in float64; int8 output rounds half away from zero and saturates to
+    [-127, 127]; int32 output is the accumulator itself."""
+    if out_dtype == torch.int32:
+        return acc.to(torch.int32)
+    shape = [1] * acc.dim()
+    shape[channel_dim] = -1
+    s = torch.as_tensor(scale, dtype=torch.float64)
+    s = s.reshape(shape) if s.numel() > 1 else s.reshape(())
+    v = acc * s
+    if bias is not None:
+        v = v + bias.double().reshape(shape)
+    if activation == "relu":
+        v = torch.relu(v)
+    elif activation == "relu6":
+        v = torch.clamp(v, 0.0, 6.0)
+    if out_dtype == torch.int8:
+        return round_half_away(v).clamp(-127, 127).to(torch.int8)
+    return v
+
+
+def conv2d_int8(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, scale=1.0,
+                out_dtype=torch.float32, activation=None) -> torch.Tensor:
+    """The int32 accumulator as an exact float64 convolution of the integer values, then the epilogue
+    (float outputs are returned in float64)."""
+    acc = torch.nn.functional.conv2d(x.double(), weight.double(), None, stride, padding, dilation, groups)
+    return _int8_epilogue(acc, scale, bias, out_dtype, activation, channel_dim=1)
+
+
+def linear_int8(x, weight, bias=None, scale=1.0, out_dtype=torch.float32, activation=None) -> torch.Tensor:
+    acc = x.double() @ weight.double().t()
+    return _int8_epilogue(acc, scale, bias, out_dtype, activation, channel_dim=-1)

@@ -1,0 +1,340 @@
+// CPU kernels of conv2d_int8 and linear_int8: int8 x int8 -> int32 accumulator -> act(acc*scale + bias)
+// as float32, the raw int32, or requantized int8 (round half away from zero, saturate to [-127, 127]).
+//
+// Activations are processed as NHWC (channels-last); the conv output is always channels-last.
+//   depthwise (groups == C == O)  direct kernel, vectorised over channels;
+//   everything else               per group, a GEMM [N*OH*OW, kh*kw*C/g] x [kh*kw*C/g, O/g] whose left
+//                                 rows are NHWC patches gathered on the fly (a 1x1 stride-1 conv reads
+//                                 pixels as they are); see int8_gemm.cpp.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/int8_gemm.h"
+#include "cpu/simd.h"
+
+namespace qkernels {
+
+// --- argument checks (also used by the CUDA entry points) ------------------------------------------
+
+namespace {
+
+int parse_activation(c10::string_view a) {
+  if (a.empty() || a == "none") return kActNone;
+  if (a == "relu") return kActRelu;
+  if (a == "relu6") return kActRelu6;
+  TORCH_CHECK(false, "qkernels: activation must be 'none', 'relu' or 'relu6', got '", std::string(a), "'");
+}
+
+int parse_out_dtype(at::ScalarType t) {
+  if (t == at::kFloat) return kOutFloat;
+  if (t == at::kInt) return kOutInt32;
+  if (t == at::kChar) return kOutInt8;
+  TORCH_CHECK(false, "qkernels: out_dtype must be float32, int32 or int8, got ", t);
+}
+
+// Checks scale, bias, activation and out_dtype against O output channels; returns per_channel_scale.
+bool check_epilogue_args(const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& scale,
+                         int64_t O, int act, int out_kind) {
+  TORCH_CHECK(scale.scalar_type() == at::kFloat, "qkernels: scale must be float32, got ", scale.scalar_type());
+  check_same_device(scale, x, "scale");
+  const bool per_channel = scale.dim() == 1 && scale.size(0) == O && O != 1;
+  TORCH_CHECK(scale.dim() == 0 || (scale.dim() == 1 && (scale.size(0) == O || scale.size(0) == 1)),
+              "qkernels: scale must be 0-dim or have shape [", O, "] (one per output channel), got shape ",
+              scale.sizes());
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.scalar_type() == at::kFloat, "qkernels: bias must be float32, got ", b.scalar_type());
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == O, "qkernels: bias must have shape [", O, "], got ", b.sizes());
+    check_same_device(b, x, "bias");
+  }
+  if (out_kind == kOutInt32) {
+    TORCH_CHECK(!bias.has_value(), "qkernels: out_dtype int32 returns the raw accumulator; bias is not allowed");
+    TORCH_CHECK(act == kActNone, "qkernels: out_dtype int32 returns the raw accumulator; activation must be none");
+    TORCH_CHECK(scale.numel() == 1, "qkernels: out_dtype int32 returns the raw accumulator; scale must be 1");
+    if (scale.device().is_cpu())  // on a GPU this would synchronise; the Python wrapper checks it there
+      TORCH_CHECK(scale.item<float>() == 1.f,
+                  "qkernels: out_dtype int32 returns the raw accumulator; scale must be 1, got ", scale.item<float>());
+  }
+  return per_channel;
+}
+
+int64_t conv_out_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d, const char* dim) {
+  const int64_t span = in + 2 * p - d * (k - 1) - 1;
+  TORCH_CHECK(span >= 0, "qkernels: conv2d_int8 input ", dim, " ", in, " (padded by ", p,
+              " on each side) is smaller than the dilated kernel extent ", d * (k - 1) + 1);
+  return span / s + 1;
+}
+
+}  // namespace
+
+Int8ConvShape check_conv2d_int8(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups, const at::Tensor& scale, at::ScalarType out_dtype,
+                                c10::string_view activation) {
+  TORCH_CHECK(x.scalar_type() == at::kChar, "qkernels: conv2d_int8 input must be int8, got ", x.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == at::kChar, "qkernels: conv2d_int8 weight must be int8, got ",
+              weight.scalar_type());
+  TORCH_CHECK(x.dim() == 4, "qkernels: conv2d_int8 input must be 4-D [N, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4, "qkernels: conv2d_int8 weight must be 4-D [O, C/groups, kh, kw], got shape ",
+              weight.sizes());
+  check_same_device(weight, x, "weight");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "qkernels: stride, padding and dilation must have 2 values each");
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, "qkernels: stride must be >= 1, got ", stride);
+  TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, "qkernels: dilation must be >= 1, got ", dilation);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "qkernels: padding must be >= 0, got ", padding);
+  TORCH_CHECK(groups >= 1, "qkernels: groups must be >= 1, got ", groups);
+  Int8ConvShape s;
+  s.N = x.size(0), s.C = x.size(1), s.H = x.size(2), s.W = x.size(3);
+  s.O = weight.size(0), s.kh = weight.size(2), s.kw = weight.size(3);
+  TORCH_CHECK(s.C % groups == 0, "qkernels: groups (", groups, ") must divide the input channels (", s.C, ")");
+  TORCH_CHECK(s.O % groups == 0, "qkernels: groups (", groups, ") must divide the output channels (", s.O, ")");
+  TORCH_CHECK(weight.size(1) == s.C / groups, "qkernels: weight must have C/groups = ", s.C / groups,
+              " input channels, got shape ", weight.sizes());
+  TORCH_CHECK(s.kh >= 1 && s.kw >= 1, "qkernels: kernel size must be at least 1x1, got weight shape ", weight.sizes());
+  s.sh = stride[0], s.sw = stride[1], s.ph = padding[0], s.pw = padding[1], s.dh = dilation[0], s.dw = dilation[1];
+  s.groups = groups;
+  s.OH = conv_out_size(s.H, s.kh, s.sh, s.ph, s.dh, "height");
+  s.OW = conv_out_size(s.W, s.kw, s.sw, s.pw, s.dw, "width");
+  s.act = parse_activation(activation);
+  s.out_kind = parse_out_dtype(out_dtype);
+  s.per_channel_scale = check_epilogue_args(x, bias, scale, s.O, s.act, s.out_kind);
+  s.has_bias = bias.has_value();
+  return s;
+}
+
+Int8LinearShape check_linear_int8(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                  const at::Tensor& scale, at::ScalarType out_dtype, c10::string_view activation) {
+  TORCH_CHECK(x.scalar_type() == at::kChar, "qkernels: linear_int8 input must be int8, got ", x.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == at::kChar, "qkernels: linear_int8 weight must be int8, got ",
+              weight.scalar_type());
+  TORCH_CHECK(x.dim() >= 1, "qkernels: linear_int8 input must have at least 1 dimension [..., K]");
+  TORCH_CHECK(weight.dim() == 2, "qkernels: linear_int8 weight must be 2-D [O, K], got shape ", weight.sizes());
+  check_same_device(weight, x, "weight");
+  Int8LinearShape s;
+  s.K = x.size(-1);
+  s.O = weight.size(0);
+  TORCH_CHECK(weight.size(1) == s.K, "qkernels: linear_int8 weight has ", weight.size(1),
+              " input features but the input has ", s.K, " (last dimension)");
+  s.M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) s.M *= x.size(d);
+  s.act = parse_activation(activation);
+  s.out_kind = parse_out_dtype(out_dtype);
+  s.per_channel_scale = check_epilogue_args(x, bias, scale, s.O, s.act, s.out_kind);
+  s.has_bias = bias.has_value();
+  return s;
+}
+
+std::vector<int64_t> linear_int8_out_sizes(const at::Tensor& x, int64_t O) {
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = O;
+  return sizes;
+}
+
+namespace {
+
+at::ScalarType out_scalar_type(int out_kind) {
+  return out_kind == kOutFloat ? at::kFloat : (out_kind == kOutInt32 ? at::kInt : at::kChar);
+}
+
+// Per-channel scale and bias arrays (a per-tensor scale and a missing bias expanded), so the
+// epilogue reads scale[c] and bias[c] without branches.
+struct ChannelParams {
+  std::vector<float> scale, bias;
+  ChannelParams(const at::Tensor& s, const std::optional<at::Tensor>& b, int64_t O) {
+    at::Tensor sc = s.contiguous();
+    const float* sp = sc.data_ptr<float>();
+    scale.resize(std::max<int64_t>(O, 1));
+    for (int64_t c = 0; c < O; ++c) scale[c] = sc.numel() == 1 ? sp[0] : sp[c];
+    bias.assign(std::max<int64_t>(O, 1), 0.f);
+    if (b.has_value()) {
+      at::Tensor bc = b->contiguous();
+      std::memcpy(bias.data(), bc.data_ptr<float>(), O * sizeof(float));
+    }
+  }
+};
+
+// --- depthwise: one output pixel, all channels, taps skipped where they fall in the padding --------
+
+struct DepthwiseArgs {
+  const int8_t* x;   // NHWC
+  const int16_t* w;  // [kh*kw][C]
+  const Int8ConvShape* s;
+  const ChannelParams* p;
+  void* out;  // NHWC
+  int64_t esize;
+};
+
+constexpr int64_t kDwChunk = 128;  // channels per accumulator block (fits in registers / L1)
+
+QK_INLINE void depthwise_row_body(const DepthwiseArgs& a, int64_t b, int64_t oh) {
+  const Int8ConvShape& s = *a.s;
+  alignas(64) int32_t acc[kDwChunk];
+  for (int64_t ow = 0; ow < s.OW; ++ow) {
+    const int64_t pixel = (b * s.OH + oh) * s.OW + ow;
+    for (int64_t c0 = 0; c0 < s.C; c0 += kDwChunk) {
+      const int64_t cn = std::min(kDwChunk, s.C - c0);
+      for (int64_t c = 0; c < cn; ++c) acc[c] = 0;
+      for (int64_t i = 0; i < s.kh; ++i) {
+        const int64_t ih = oh * s.sh - s.ph + i * s.dh;
+        if (ih < 0 || ih >= s.H) continue;
+        for (int64_t j = 0; j < s.kw; ++j) {
+          const int64_t iw = ow * s.sw - s.pw + j * s.dw;
+          if (iw < 0 || iw >= s.W) continue;
+          const int8_t* xp = a.x + ((b * s.H + ih) * s.W + iw) * s.C + c0;
+          const int16_t* wp = a.w + (i * s.kw + j) * s.C + c0;
+          for (int64_t c = 0; c < cn; ++c) acc[c] += (int32_t)xp[c] * (int32_t)wp[c];
+        }
+      }
+      int8_epilogue_row(acc, cn, a.p->scale.data() + c0, a.p->bias.data() + c0, 1, s.act, s.out_kind,
+                        static_cast<char*>(a.out) + (pixel * s.C + c0) * a.esize, 1);
+    }
+  }
+}
+
+QK_TARGET_AVX512 void depthwise_row_avx512(const DepthwiseArgs& a, int64_t b, int64_t oh) {
+  depthwise_row_body(a, b, oh);
+}
+QK_TARGET_AVX2 void depthwise_row_avx2(const DepthwiseArgs& a, int64_t b, int64_t oh) { depthwise_row_body(a, b, oh); }
+void depthwise_row_base(const DepthwiseArgs& a, int64_t b, int64_t oh) { depthwise_row_body(a, b, oh); }
+
+void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8ConvShape& s, const ChannelParams& p,
+                    at::Tensor& out) {
+  // weights as [tap][channel] int16, so the channel loop reads both operands contiguously
+  std::vector<int16_t> w16(s.kh * s.kw * s.C);
+  at::Tensor wc = weight.contiguous();
+  const int8_t* wp = wc.data_ptr<int8_t>();
+  for (int64_t c = 0; c < s.C; ++c)
+    for (int64_t t = 0; t < s.kh * s.kw; ++t) w16[t * s.C + c] = wp[c * s.kh * s.kw + t];
+  DepthwiseArgs a{xc.data_ptr<int8_t>(), w16.data(), &s, &p, out.data_ptr(), (int64_t)out.element_size()};
+  const Isa isa = int8_isa() == Int8Isa::kPortable ? Isa::kBase : cpu_isa();
+  at::parallel_for(0, s.N * s.OH, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / s.OH, oh = r % s.OH;
+      switch (isa) {
+        case Isa::kAvx512: depthwise_row_avx512(a, b, oh); break;
+        case Isa::kAvx2: depthwise_row_avx2(a, b, oh); break;
+        default: depthwise_row_base(a, b, oh); break;
+      }
+    }
+  });
+}
+
+// --- general conv: per group, GEMM over NHWC patches ------------------------------------------------
+
+void grouped_gemm_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8ConvShape& s, const ChannelParams& p,
+                       at::Tensor& out) {
+  const int64_t Cg = s.C / s.groups, Og = s.O / s.groups, K = s.kh * s.kw * Cg;
+  const int64_t M = s.N * s.OH * s.OW;
+  // weight rows in patch order (kh, kw, c): [O][kh][kw][C/g]
+  at::Tensor wrows = weight.permute({0, 2, 3, 1}).contiguous();
+  const int8_t* wp = wrows.data_ptr<int8_t>();
+  const int8_t* xp = xc.data_ptr<int8_t>();
+  const bool pointwise = s.kh == 1 && s.kw == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0;
+  const Int8Isa isa = int8_isa();
+  for (int64_t g = 0; g < s.groups; ++g) {
+    auto patch_rows = [&](int64_t r0, int64_t n, int8_t* dst, int64_t ld) {
+      if (pointwise) {
+        for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * ld, xp + (r0 + i) * s.C + g * Cg, Cg);
+        return;
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t r = r0 + i, ow = r % s.OW, t = r / s.OW, oh = t % s.OH, b = t / s.OH;
+        int8_t* d = dst + i * ld;
+        for (int64_t ki = 0; ki < s.kh; ++ki) {
+          const int64_t ih = oh * s.sh - s.ph + ki * s.dh;
+          for (int64_t kj = 0; kj < s.kw; ++kj, d += Cg) {
+            const int64_t iw = ow * s.sw - s.pw + kj * s.dw;
+            if (ih < 0 || ih >= s.H || iw < 0 || iw >= s.W)
+              std::memset(d, 0, Cg);
+            else
+              std::memcpy(d, xp + ((b * s.H + ih) * s.W + iw) * s.C + g * Cg, Cg);
+          }
+        }
+      }
+    };
+    auto weight_rows = [&](int64_t r0, int64_t n, int8_t* dst, int64_t ld) {
+      for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * ld, wp + (g * Og + r0 + i) * K, K);
+    };
+    Int8Epilogue ep;
+    ep.out = out.data_ptr();
+    ep.out_kind = s.out_kind;
+    ep.offset = g * Og;
+    ep.channel_offset = g * Og;
+    ep.scale = p.scale.data();
+    ep.bias = p.bias.data();
+    ep.act = s.act;
+    // Pack the smaller operand in the transposed layout (see int8_gemm.h).
+    if (M >= Og) {
+      ep.row_stride = s.O, ep.col_stride = 1, ep.channel_on_rows = false;
+      int8_gemm(isa, M, Og, K, patch_rows, weight_rows, ep);
+    } else {
+      ep.row_stride = 1, ep.col_stride = s.O, ep.channel_on_rows = true;
+      int8_gemm(isa, Og, M, K, weight_rows, patch_rows, ep);
+    }
+  }
+}
+
+at::Tensor conv2d_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                           const at::Tensor& scale, at::ScalarType out_dtype, c10::string_view activation) {
+  const Int8ConvShape s =
+      check_conv2d_int8(x, weight, bias, stride, padding, dilation, groups, scale, out_dtype, activation);
+  at::Tensor out = at::empty({s.N, s.O, s.OH, s.OW},
+                             x.options().dtype(out_scalar_type(s.out_kind)).memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;
+  const ChannelParams p(scale, bias, s.O);
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  if (s.groups == s.C && s.groups == s.O)
+    depthwise_conv(xc, weight, s, p, out);
+  else
+    grouped_gemm_conv(xc, weight, s, p, out);
+  return out;
+}
+
+at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& scale, at::ScalarType out_dtype, c10::string_view activation) {
+  const Int8LinearShape s = check_linear_int8(x, weight, bias, scale, out_dtype, activation);
+  at::Tensor out = at::empty(linear_int8_out_sizes(x, s.O), x.options().dtype(out_scalar_type(s.out_kind)));
+  if (out.numel() == 0) return out;
+  const ChannelParams p(scale, bias, s.O);
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const int8_t* xp = xc.data_ptr<int8_t>();
+  const int8_t* wp = wc.data_ptr<int8_t>();
+  const int64_t K = s.K;
+  auto x_rows = [&](int64_t r0, int64_t n, int8_t* dst, int64_t ld) {
+    for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * ld, xp + (r0 + i) * K, K);
+  };
+  auto w_rows = [&](int64_t r0, int64_t n, int8_t* dst, int64_t ld) {
+    for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * ld, wp + (r0 + i) * K, K);
+  };
+  Int8Epilogue ep;
+  ep.out = out.data_ptr();
+  ep.out_kind = s.out_kind;
+  ep.scale = p.scale.data();
+  ep.bias = p.bias.data();
+  ep.act = s.act;
+  if (s.M >= s.O) {
+    ep.row_stride = s.O, ep.col_stride = 1, ep.channel_on_rows = false;
+    int8_gemm(int8_isa(), s.M, s.O, K, x_rows, w_rows, ep);
+  } else {
+    ep.row_stride = 1, ep.col_stride = s.O, ep.channel_on_rows = true;
+    int8_gemm(int8_isa(), s.O, s.M, K, w_rows, x_rows, ep);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qkernels, CPU, m) {
+  m.impl("conv2d_int8", &conv2d_int8_cpu);
+  m.impl("linear_int8", &linear_int8_cpu);
+}
+
+}  // namespace qkernels

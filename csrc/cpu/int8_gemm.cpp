@@ -1,0 +1,482 @@
+// int8 GEMM for conv2d_int8 / linear_int8 on CPU: C = P * Q^T (+ fused epilogue), with one kernel per
+// instruction set, picked at run time (GCC target attributes, no global -march):
+//   AMX-INT8      tdpbssd on 16x64 tiles, signed x signed, 32x32 output blocks;
+//   AVX512-VNNI   vpdpbusd (u8 x s8) on 6x64 blocks: P is stored as x+128 (xor 0x80) and
+//                 128 * sum_k Q[c][k] is subtracted per column (exact modulo 2^32, hence exact);
+//   AVX-VNNI      the same on 256-bit registers, 6x16 blocks;
+//   AVX2          sign-extend to int16 and vpmaddwd (exact; vpmaddubsw would saturate), 2x16 blocks;
+//   portable      plain C++ on the same packed layout.
+// Q is packed once per call in the VNNI/AMX "B" layout: blocks of 16 Q rows, each [Kp/4][16][4] bytes
+// (four consecutive k of one row form a 32-bit lane). P is packed per task in row panels [rows][Kp].
+#include "cpu/int8_gemm.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "cpu/simd.h"
+
+#define QK_TARGET_VNNI512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
+#define QK_TARGET_AVXVNNI __attribute__((target("avx2,fma,avxvnni")))
+#define QK_TARGET_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,amx-tile,amx-int8")))
+
+namespace qkernels {
+namespace {
+
+// --- instruction set selection --------------------------------------------------------------------
+
+// Linux hands out the AMX tile state only on request, once per process.
+bool amx_permitted() {
+  static const bool ok = [] {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+
+Int8Isa best_isa() {
+  static const Int8Isa isa = [] {
+    __builtin_cpu_init();
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (avx512 && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") && amx_permitted())
+      return Int8Isa::kAmx;
+    if (avx512 && __builtin_cpu_supports("avx512vnni")) return Int8Isa::kAvx512Vnni;
+    if (avx2 && __builtin_cpu_supports("avxvnni")) return Int8Isa::kAvxVnni;
+    if (avx2) return Int8Isa::kAvx2;
+    return Int8Isa::kPortable;
+  }();
+  return isa;
+}
+
+Int8Isa isa_cap() {
+  const char* env = std::getenv("QKERNELS_INT8_ISA");
+  if (env == nullptr || *env == 0) return Int8Isa::kAmx;
+  for (int i = 0; i <= (int)Int8Isa::kAmx; ++i)
+    if (std::strcmp(env, int8_isa_name((Int8Isa)i)) == 0) return (Int8Isa)i;
+  TORCH_CHECK(false, "qkernels: QKERNELS_INT8_ISA must be one of portable, avx2, avx_vnni, avx512_vnni, amx; got '",
+              env, "'");
+}
+
+// --- epilogue rows ---------------------------------------------------------------------------------
+
+template <int KIND>
+QK_INLINE void store_value(void* out, int64_t i, int32_t acc, float v) {
+  if (KIND == kOutInt32)
+    static_cast<int32_t*>(out)[i] = acc;
+  else if (KIND == kOutInt8)
+    static_cast<int8_t*>(out)[i] = saturate_int8(v);
+  else
+    static_cast<float*>(out)[i] = v;
+}
+
+// out[j * ostride] = epilogue(acc[j]) with channel parameters s[j * pstep], b[j * pstep].
+template <int KIND, int ACT>
+QK_INLINE void epilogue_row_body(const int32_t* acc, int64_t n, const float* s, const float* b, int64_t pstep,
+                                 void* out, int64_t ostride) {
+  if (ostride == 1 && pstep == 1) {  // the common, contiguous case: vectorises
+    for (int64_t j = 0; j < n; ++j) store_value<KIND>(out, j, acc[j], int8_epilogue_value(acc[j], s[j], b[j], ACT));
+  } else {
+    for (int64_t j = 0; j < n; ++j)
+      store_value<KIND>(out, j * ostride, acc[j], int8_epilogue_value(acc[j], s[j * pstep], b[j * pstep], ACT));
+  }
+}
+
+template <int KIND>
+QK_INLINE void epilogue_row_kind(const int32_t* acc, int64_t n, const float* s, const float* b, int64_t pstep, int act,
+                                 void* out, int64_t ostride) {
+  switch (act) {
+    case kActRelu: return epilogue_row_body<KIND, kActRelu>(acc, n, s, b, pstep, out, ostride);
+    case kActRelu6: return epilogue_row_body<KIND, kActRelu6>(acc, n, s, b, pstep, out, ostride);
+    default: return epilogue_row_body<KIND, kActNone>(acc, n, s, b, pstep, out, ostride);
+  }
+}
+
+QK_INLINE void epilogue_row_any(const int32_t* acc, int64_t n, const float* s, const float* b, int64_t pstep, int act,
+                                int kind, void* out, int64_t ostride) {
+  switch (kind) {
+    case kOutInt32: return epilogue_row_kind<kOutInt32>(acc, n, s, b, pstep, kActNone, out, ostride);
+    case kOutInt8: return epilogue_row_kind<kOutInt8>(acc, n, s, b, pstep, act, out, ostride);
+    default: return epilogue_row_kind<kOutFloat>(acc, n, s, b, pstep, act, out, ostride);
+  }
+}
+
+QK_TARGET_AVX512 void epilogue_row_avx512(const int32_t* acc, int64_t n, const float* s, const float* b, int64_t pstep,
+                                          int act, int kind, void* out, int64_t ostride) {
+  epilogue_row_any(acc, n, s, b, pstep, act, kind, out, ostride);
+}
+QK_TARGET_AVX2 void epilogue_row_avx2(const int32_t* acc, int64_t n, const float* s, const float* b, int64_t pstep,
+                                      int act, int kind, void* out, int64_t ostride) {
+  epilogue_row_any(acc, n, s, b, pstep, act, kind, out, ostride);
+}
+void epilogue_row_base(const int32_t* acc, int64_t n, const float* s, const float* b, int64_t pstep, int act, int kind,
+                       void* out, int64_t ostride) {
+  epilogue_row_any(acc, n, s, b, pstep, act, kind, out, ostride);
+}
+
+// --- packing ---------------------------------------------------------------------------------------
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+constexpr int64_t kBlock = 16;  // Q rows per packed block (one 512-bit register of int32 lanes)
+
+struct PackedQ {
+  at::Tensor storage;  // int8 blocks, then int32 corrections
+  const int8_t* data = nullptr;
+  const int32_t* corr = nullptr;  // 128 * sum_k Q[c][k], padded to whole blocks
+  int64_t rows = 0, blocks = 0, Kp = 0;
+  int64_t block_bytes() const { return Kp * kBlock; }
+};
+
+PackedQ pack_q(Int8RowSource Q, int64_t rows, int64_t K, int64_t Kp) {
+  PackedQ q;
+  q.rows = rows;
+  q.blocks = (rows + kBlock - 1) / kBlock;
+  q.Kp = Kp;
+  const int64_t data_bytes = round_up(q.blocks * q.block_bytes(), 64);
+  q.storage = at::empty({data_bytes + q.blocks * kBlock * 4}, at::TensorOptions().dtype(at::kChar));
+  int8_t* data = q.storage.data_ptr<int8_t>();
+  int32_t* corr = reinterpret_cast<int32_t*>(data + data_bytes);
+  at::parallel_for(0, q.blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int8_t> tmp(kBlock * std::max<int64_t>(Kp, 1));
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * kBlock, n = std::min(kBlock, rows - r0);
+      std::fill(tmp.begin(), tmp.end(), 0);
+      Q(r0, n, tmp.data(), Kp);
+      for (int64_t i = 0; i < kBlock; ++i) {
+        int32_t sum = 0;
+        for (int64_t k = 0; k < K; ++k) sum += tmp[i * Kp + k];
+        corr[r0 + i] = 128 * sum;
+      }
+      int8_t* dst = data + blk * q.block_bytes();
+      for (int64_t k4 = 0; k4 < Kp / 4; ++k4)
+        for (int64_t i = 0; i < kBlock; ++i) std::memcpy(dst + k4 * 64 + i * 4, tmp.data() + i * Kp + k4 * 4, 4);
+    }
+  });
+  q.data = data;
+  q.corr = corr;
+  return q;
+}
+
+// Everything a panel kernel needs: the packed P rows [rows_pad][Kp] and the Q blocks [blk0, blk1).
+struct PanelJob {
+  const int8_t* A;  // P panel (uint8 view when the ISA wants x+128)
+  int64_t rows, rows_pad, Kp;
+  int64_t r_base;  // product row of the panel's first row
+  const PackedQ* q;
+  int64_t blk0, blk1;
+  const Int8Epilogue* ep;
+
+  void finish(int64_t r, int64_t mr, int64_t blk, int64_t nv, const int32_t* C, int64_t ldc) const {
+    const int64_t nr = std::min(mr, rows - r);
+    const int64_t c0 = blk * kBlock, nc = std::min(nv * kBlock, q->rows - c0);
+    if (nr > 0 && nc > 0) ep->apply(r_base + r, nr, c0, nc, C, ldc);
+  }
+};
+
+// --- AVX512-VNNI: 6 rows x up to 64 columns ---------------------------------------------------------
+
+template <int NV>
+QK_TARGET_VNNI512 QK_INLINE void ukr_vnni512(const int8_t* A, int64_t lda, const int8_t* B, int64_t bstride,
+                                             int64_t kp4, const int32_t* corr, int32_t* C, int64_t ldc) {
+  constexpr int MR = 6;
+  __m512i acc[MR][NV];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_si512();
+  for (int64_t k4 = 0; k4 < kp4; ++k4) {
+    __m512i b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_si512(B + v * bstride + k4 * 64);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      int32_t a4;
+      std::memcpy(&a4, A + m * lda + k4 * 4, 4);
+      const __m512i a = _mm512_set1_epi32(a4);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], a, b[v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const __m512i c = _mm512_loadu_si512(corr + v * 16);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) _mm512_storeu_si512(C + m * ldc + v * 16, _mm512_sub_epi32(acc[m][v], c));
+  }
+}
+
+QK_TARGET_VNNI512 void panel_vnni512(const PanelJob& job) {
+  alignas(64) int32_t C[6 * 64];
+  const int64_t bs = job.q->block_bytes(), kp4 = job.Kp / 4;
+  for (int64_t blk = job.blk0; blk < job.blk1; blk += 4) {
+    const int64_t nv = std::min<int64_t>(4, job.blk1 - blk);
+    const int8_t* B = job.q->data + blk * bs;
+    const int32_t* corr = job.q->corr + blk * kBlock;
+    for (int64_t r = 0; r < job.rows; r += 6) {
+      const int8_t* A = job.A + r * job.Kp;
+      switch (nv) {
+        case 4: ukr_vnni512<4>(A, job.Kp, B, bs, kp4, corr, C, 64); break;
+        case 3: ukr_vnni512<3>(A, job.Kp, B, bs, kp4, corr, C, 64); break;
+        case 2: ukr_vnni512<2>(A, job.Kp, B, bs, kp4, corr, C, 64); break;
+        default: ukr_vnni512<1>(A, job.Kp, B, bs, kp4, corr, C, 64); break;
+      }
+      job.finish(r, 6, blk, nv, C, 64);
+    }
+  }
+}
+
+// --- AVX-VNNI: 6 rows x 16 columns ------------------------------------------------------------------
+
+QK_TARGET_AVXVNNI void panel_avxvnni(const PanelJob& job) {
+  constexpr int MR = 6;
+  alignas(64) int32_t C[MR * 16];
+  const int64_t bs = job.q->block_bytes(), kp4 = job.Kp / 4;
+  for (int64_t blk = job.blk0; blk < job.blk1; ++blk) {
+    const int8_t* B = job.q->data + blk * bs;
+    const int32_t* corr = job.q->corr + blk * kBlock;
+    for (int64_t r = 0; r < job.rows; r += MR) {
+      const int8_t* A = job.A + r * job.Kp;
+      __m256i acc[MR][2];
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+      for (int64_t k4 = 0; k4 < kp4; ++k4) {
+        const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(B + k4 * 64));
+        const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(B + k4 * 64 + 32));
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; ++m) {
+          int32_t a4;
+          std::memcpy(&a4, A + m * job.Kp + k4 * 4, 4);
+          const __m256i a = _mm256_set1_epi32(a4);
+          acc[m][0] = _mm256_dpbusd_avx_epi32(acc[m][0], a, b0);
+          acc[m][1] = _mm256_dpbusd_avx_epi32(acc[m][1], a, b1);
+        }
+      }
+      const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr));
+      const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr + 8));
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + m * 16), _mm256_sub_epi32(acc[m][0], c0));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + m * 16 + 8), _mm256_sub_epi32(acc[m][1], c1));
+      }
+      job.finish(r, MR, blk, 1, C, 16);
+    }
+  }
+}
+
+// --- AVX2 without VNNI: int16 pairs with vpmaddwd, 2 rows x 16 columns ------------------------------
+
+QK_TARGET_AVX2 void panel_avx2(const PanelJob& job) {
+  constexpr int MR = 2;
+  alignas(64) int32_t T[MR][4][8];
+  alignas(64) int32_t C[MR * 16];
+  const int64_t bs = job.q->block_bytes(), kp4 = job.Kp / 4;
+  for (int64_t blk = job.blk0; blk < job.blk1; ++blk) {
+    const int8_t* B = job.q->data + blk * bs;
+    for (int64_t r = 0; r < job.rows; r += MR) {
+      const int8_t* A = job.A + r * job.Kp;
+      __m256i acc[MR][4];
+      for (int m = 0; m < MR; ++m)
+        for (int v = 0; v < 4; ++v) acc[m][v] = _mm256_setzero_si256();
+      for (int64_t k4 = 0; k4 < kp4; ++k4) {
+        __m256i b[4];  // 4 columns x 4 k each, as int16
+        for (int v = 0; v < 4; ++v)
+          b[v] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(B + k4 * 64 + v * 16)));
+        for (int m = 0; m < MR; ++m) {
+          int32_t a4;
+          std::memcpy(&a4, A + m * job.Kp + k4 * 4, 4);
+          const __m128i a16 = _mm_cvtepi8_epi16(_mm_cvtsi32_si128(a4));
+          const __m256i a = _mm256_broadcastq_epi64(a16);
+          for (int v = 0; v < 4; ++v) acc[m][v] = _mm256_add_epi32(acc[m][v], _mm256_madd_epi16(a, b[v]));
+        }
+      }
+      // each lane pair (2c, 2c+1) of acc[m][v] holds two partial sums of column 4v + c
+      for (int m = 0; m < MR; ++m)
+        for (int v = 0; v < 4; ++v) _mm256_store_si256(reinterpret_cast<__m256i*>(T[m][v]), acc[m][v]);
+      for (int m = 0; m < MR; ++m)
+        for (int v = 0; v < 4; ++v)
+          for (int c = 0; c < 4; ++c) C[m * 16 + v * 4 + c] = T[m][v][2 * c] + T[m][v][2 * c + 1];
+      job.finish(r, MR, blk, 1, C, 16);
+    }
+  }
+}
+
+// --- portable ---------------------------------------------------------------------------------------
+
+void panel_portable(const PanelJob& job) {
+  int32_t C[16];
+  const int64_t bs = job.q->block_bytes(), kp4 = job.Kp / 4;
+  for (int64_t blk = job.blk0; blk < job.blk1; ++blk) {
+    const int8_t* B = job.q->data + blk * bs;
+    for (int64_t r = 0; r < job.rows; ++r) {
+      const int8_t* A = job.A + r * job.Kp;
+      for (int c = 0; c < 16; ++c) C[c] = 0;
+      for (int64_t k4 = 0; k4 < kp4; ++k4)
+        for (int c = 0; c < 16; ++c)
+          for (int t = 0; t < 4; ++t) C[c] += (int32_t)A[k4 * 4 + t] * (int32_t)B[k4 * 64 + c * 4 + t];
+      job.finish(r, 1, blk, 1, C, 16);
+    }
+  }
+}
+
+// --- AMX-INT8: 32 rows x 32 columns per step, tiles 0-3 accumulate, 4-5 hold P, 6-7 hold Q --------
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+QK_TARGET_AMX void panel_amx(const PanelJob& job) {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) int32_t C[32 * 32];
+  const int64_t bs = job.q->block_bytes(), kb_count = job.Kp / 64, lda = job.Kp;
+  for (int64_t blk = job.blk0; blk < job.blk1; blk += 2) {
+    const bool two = blk + 1 < job.blk1;
+    const int8_t* B0 = job.q->data + blk * bs;
+    const int8_t* B1 = two ? B0 + bs : B0;
+    for (int64_t r = 0; r < job.rows; r += 32) {
+      const int8_t* A = job.A + r * lda;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t kb = 0; kb < kb_count; ++kb) {
+        _tile_loadd(4, A + kb * 64, lda);
+        _tile_loadd(5, A + 16 * lda + kb * 64, lda);
+        _tile_loadd(6, B0 + kb * 1024, 64);
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbssd(2, 5, 6);
+        if (two) {
+          _tile_loadd(7, B1 + kb * 1024, 64);
+          _tile_dpbssd(1, 4, 7);
+          _tile_dpbssd(3, 5, 7);
+        }
+      }
+      _tile_stored(0, C, 128);
+      _tile_stored(2, C + 16 * 32, 128);
+      if (two) {
+        _tile_stored(1, C + 16, 128);
+        _tile_stored(3, C + 16 * 32 + 16, 128);
+      }
+      job.finish(r, 32, blk, two ? 2 : 1, C, 32);
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace
+
+// --- public ------------------------------------------------------------------------------------------
+
+const char* int8_isa_name(Int8Isa isa) {
+  switch (isa) {
+    case Int8Isa::kAmx: return "amx";
+    case Int8Isa::kAvx512Vnni: return "avx512_vnni";
+    case Int8Isa::kAvxVnni: return "avx_vnni";
+    case Int8Isa::kAvx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+Int8Isa int8_isa() { return std::min(best_isa(), isa_cap()); }
+
+void int8_epilogue_row(const int32_t* acc, int64_t n, const float* s, const float* b, int64_t pstep, int act, int kind,
+                       void* out, int64_t ostride) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return epilogue_row_avx512(acc, n, s, b, pstep, act, kind, out, ostride);
+    case Isa::kAvx2: return epilogue_row_avx2(acc, n, s, b, pstep, act, kind, out, ostride);
+    default: return epilogue_row_base(acc, n, s, b, pstep, act, kind, out, ostride);
+  }
+}
+
+void Int8Epilogue::apply(int64_t r0, int64_t nr, int64_t c0, int64_t nc, const int32_t* C, int64_t ldc) const {
+  const int64_t esize = out_kind == kOutFloat ? 4 : (out_kind == kOutInt32 ? 4 : 1);
+  for (int64_t i = 0; i < nr; ++i) {
+    const int64_t r = r0 + i;
+    char* o = static_cast<char*>(out) + (r * row_stride + c0 * col_stride + offset) * esize;
+    const float *s, *b;
+    int64_t pstep;
+    if (channel_on_rows) {
+      s = scale + channel_offset + r;
+      b = bias + channel_offset + r;
+      pstep = 0;
+    } else {
+      s = scale + channel_offset + c0;
+      b = bias + channel_offset + c0;
+      pstep = 1;
+    }
+    int8_epilogue_row(C + i * ldc, nc, s, b, pstep, act, out_kind, o, col_stride);
+  }
+}
+
+void int8_gemm(Int8Isa isa, int64_t p_rows, int64_t q_rows, int64_t K, Int8RowSource P, Int8RowSource Q,
+               const Int8Epilogue& ep) {
+  if (p_rows == 0 || q_rows == 0) return;
+  // AMX works on 64-deep slices; a short K is cheaper on VNNI than padded to 64.
+  if (isa == Int8Isa::kAmx && K < 64) isa = Int8Isa::kAvx512Vnni;
+  const int64_t Kp = round_up(std::max<int64_t>(K, 1), isa == Int8Isa::kAmx ? 64 : 4);
+  const bool biased = isa == Int8Isa::kAvx512Vnni || isa == Int8Isa::kAvxVnni;  // u8 x s8
+  const PackedQ q = pack_q(Q, q_rows, K, Kp);
+
+  constexpr int64_t kPanelRows = 96;  // a multiple of every kernel's row step (6, 2, 1, 32)
+  const int64_t panels = (p_rows + kPanelRows - 1) / kPanelRows;
+  // Split the columns too when there are few panels, so both cores get work on small maps.
+  const int64_t threads = at::get_num_threads();
+  int64_t blocks_per_task = q.blocks;
+  while (blocks_per_task > 4 && panels * ((q.blocks + blocks_per_task - 1) / blocks_per_task) < 4 * threads)
+    blocks_per_task = (blocks_per_task + 1) / 2;
+  if (blocks_per_task % 2 && blocks_per_task < q.blocks) ++blocks_per_task;  // AMX and VNNI steps pair blocks
+  const int64_t col_tasks = (q.blocks + blocks_per_task - 1) / blocks_per_task;
+
+  at::parallel_for(0, panels * col_tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<int8_t> panel_mem(kPanelRows * Kp + 64);
+    int8_t* panel = panel_mem.data();
+    int64_t packed_panel = -1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t pi = t / col_tasks, ci = t % col_tasks;
+      const int64_t r0 = pi * kPanelRows, rows = std::min(kPanelRows, p_rows - r0);
+      if (pi != packed_panel) {
+        std::memset(panel, 0, kPanelRows * Kp);
+        P(r0, rows, panel, Kp);
+        if (biased)
+          for (int64_t i = 0; i < rows * Kp; ++i) panel[i] = (int8_t)((uint8_t)panel[i] ^ 0x80u);
+        packed_panel = pi;
+      }
+      PanelJob job{panel, rows, kPanelRows, Kp, r0, &q, ci * blocks_per_task,
+                   std::min(q.blocks, (ci + 1) * blocks_per_task), &ep};
+      switch (isa) {
+        case Int8Isa::kAmx: panel_amx(job); break;
+        case Int8Isa::kAvx512Vnni: panel_vnni512(job); break;
+        case Int8Isa::kAvxVnni: panel_avxvnni(job); break;
+        case Int8Isa::kAvx2: panel_avx2(job); break;
+        default: panel_portable(job); break;
+      }
+    }
+  });
+}
+
+}  // namespace qkernels

@@ -1,0 +1,108 @@
+// int8 x int8 -> int32 matrix products with a fused epilogue, for conv2d_int8 / linear_int8.
+//
+// The epilogue math at the top is shared with the CUDA kernels (csrc/cuda/conv_int8.cu) so that both
+// devices compute bit-identical results: v = fma(float(acc), scale, bias), then the activation, then
+// (for int8 output) round half away from zero and saturate to [-127, 127].
+#pragma once
+#include <cstdint>
+
+#include "quant_math.h"
+
+namespace qkernels {
+
+enum Int8Activation : int { kActNone = 0, kActRelu = 1, kActRelu6 = 2 };
+enum Int8OutKind : int { kOutFloat = 0, kOutInt32 = 1, kOutInt8 = 2 };
+
+// NaN passes through both activations, as in torch.relu / F.relu6.
+QK_HD float int8_activate(float v, int act) {
+  if (act == kActRelu) return v < 0.f ? 0.f : v;
+  if (act == kActRelu6) return v < 0.f ? 0.f : (v > 6.f ? 6.f : v);
+  return v;
+}
+
+QK_HD float int8_epilogue_value(int32_t acc, float scale, float bias, int act) {
+  return int8_activate(fmaf((float)acc, scale, bias), act);
+}
+
+}  // namespace qkernels
+
+// --- argument checks shared by the CPU and CUDA entry points (defined in csrc/cpu/conv_int8.cpp) ----
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+
+namespace qkernels {
+
+struct Int8ConvShape {
+  int64_t N, C, H, W, O, kh, kw, sh, sw, ph, pw, dh, dw, groups, OH, OW;
+  int act, out_kind;
+  bool per_channel_scale, has_bias;
+};
+
+struct Int8LinearShape {
+  int64_t M, K, O;
+  int act, out_kind;
+  bool per_channel_scale, has_bias;
+};
+
+Int8ConvShape check_conv2d_int8(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups, const at::Tensor& scale, at::ScalarType out_dtype,
+                                c10::string_view activation);
+
+Int8LinearShape check_linear_int8(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                  const at::Tensor& scale, at::ScalarType out_dtype, c10::string_view activation);
+
+// Output sizes of linear_int8: x's leading dimensions, then O.
+std::vector<int64_t> linear_int8_out_sizes(const at::Tensor& x, int64_t O);
+
+}  // namespace qkernels
+
+#if !defined(__CUDACC__)
+#include <c10/util/FunctionRef.h>
+
+namespace qkernels {
+
+// Instruction sets of the CPU int8 products, best last. QKERNELS_INT8_ISA (portable, avx2, avx_vnni,
+// avx512_vnni, amx) caps the choice, so tests can exercise every path on one machine.
+enum class Int8Isa { kPortable = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3, kAmx = 4 };
+
+Int8Isa int8_isa();            // best available, capped by QKERNELS_INT8_ISA (read on every call)
+const char* int8_isa_name(Int8Isa isa);
+
+// Where results go: C[r][c] of the product lands at output element
+//   out[r * row_stride + c * col_stride + offset]
+// and uses scale/bias of channel (channel_on_rows ? r : c) + channel_offset.
+struct Int8Epilogue {
+  void* out = nullptr;
+  int out_kind = kOutFloat;
+  int64_t row_stride = 0, col_stride = 1, offset = 0;
+  bool channel_on_rows = false;
+  int64_t channel_offset = 0;
+  // One value per output channel each (callers expand a per-tensor scale and a missing bias), so
+  // the epilogue never branches on them. Unused for int32 output but must still be valid arrays.
+  const float* scale = nullptr;
+  const float* bias = nullptr;
+  int act = kActNone;
+
+  // Writes the tile C[0..nr)[0..nc) (row stride ldc) whose top-left product element is (r0, c0).
+  void apply(int64_t r0, int64_t nr, int64_t c0, int64_t nc, const int32_t* C, int64_t ldc) const;
+};
+
+// out[j * ostride] = epilogue(acc[j]) for j < n, with channel parameters s[j * pstep], b[j * pstep];
+// `out` points at the first element, typed by `kind`. Vectorised for the processor at hand.
+void int8_epilogue_row(const int32_t* acc, int64_t n, const float* s, const float* b, int64_t pstep, int act, int kind,
+                       void* out, int64_t ostride);
+
+// Writes rows [r0, r0 + n) of an int8 matrix with K columns to dst (row stride ld >= K).
+using Int8RowSource = c10::function_ref<void(int64_t r0, int64_t n, int8_t* dst, int64_t ld)>;
+
+// C = P * Q^T with P [p_rows, K] and Q [q_rows, K] given by row sources; every C element goes through
+// the epilogue. Q is packed once (the caller should make it the smaller operand); P is packed in
+// row panels per task. Work is split over threads with at::parallel_for.
+void int8_gemm(Int8Isa isa, int64_t p_rows, int64_t q_rows, int64_t K, Int8RowSource P, Int8RowSource Q,
+               const Int8Epilogue& ep);
+
+}  // namespace qkernels
+#endif
