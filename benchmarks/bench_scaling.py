@@ -37,10 +37,11 @@ def size_section(device, quick) -> common.Section:
                                 "sizes that fit in cache are not timed hot."])
     for n in SIZES:
         xs = common.rotating(lambda: torch.randn(n, device=device), common.buffer_count(4 * n))
-        ours = common.measure(lambda x: qkernels.fake_quant_abs_max(x, 8), xs, device, quick=quick)
-        peers = {"eager": common.measure(eager_fake_quant_abs_max, xs, device, quick=quick),
-                 "copy": common.measure(lambda x: x.clone(), xs, device, quick=quick)}
-        sec.add_row(size_label(n), ours, peers, bytes_moved=8 * n)
+        t = common.measure_group({"ours": lambda x: qkernels.fake_quant_abs_max(x, 8),
+                                  "eager": eager_fake_quant_abs_max, "copy": lambda x: x.clone()},
+                                 xs, device, quick=quick)
+        ours = t.pop("ours")
+        sec.add_row(size_label(n), ours, t, bytes_moved=8 * n)
         del xs
     return sec
 

@@ -7,15 +7,17 @@ Every bench_*.py script uses it the same way:
     device, env = common.setup(args)      # resolves the device, applies --threads, seeds, records the environment
     xs = common.rotating(lambda: torch.randn(n, device=device), common.buffer_count(4 * n))
     section = common.Section("fake_quant_fwd", "Fake quant forward", bandwidth_ref="copy")
-    ours = common.measure(lambda x: op(x), xs, device, quick=args.quick)
-    peers = {"eager": common.measure(lambda x: eager(x), xs, device, quick=args.quick)}
-    section.add_row("16M", ours, peers, bytes_moved=8 * n)
+    t = common.measure_group({"ours": op, "eager": eager, "copy": lambda x: x.clone()}, xs, device,
+                             quick=args.quick)   # samples interleaved: load changes hit all alike
+    ours = t.pop("ours")                           # or common.measure(fn, xs, device) for one callable
+    section.add_row("16M", ours, t, bytes_moved=8 * n)
     section.add_target("16M: >= 3x faster than eager", met=..., detail="...")
     common.publish("bench_fake_quant", [section], args, device, env)
 
 Timing is the median of several samples, each a batch of calls long enough to time reliably, after a
-warm-up (which also absorbs torch.compile). The device is synchronised around every sample (CUDA events
-on a GPU). Calls cycle through a few input buffers so that small inputs are not served from a cache
+warm-up (which also absorbs torch.compile). measure_group interleaves the samples of several callables
+so that load from other jobs hits them alike. The device is synchronised around every sample (CUDA
+events on a GPU). Calls cycle through a few input buffers so that small inputs are not served from a cache
 warmed by the previous call. A peer that raises is recorded with its exception text; the run goes on.
 
 Results go to results/<device>/<script>.json|md (one file pair per script, written atomically) and
@@ -140,27 +142,75 @@ def measure(
 
     Never raises for a failing fn: the Timing carries the exception text instead.
     """
+    return measure_group({"fn": fn}, inputs, device, quick=quick, warmup=warmup, repeats=repeats,
+                         min_sample_s=min_sample_s, max_total_s=max_total_s)["fn"]
+
+
+class _Candidate:
+    """One callable of a group while it is being timed."""
+
+    def __init__(self, fn, inputs, device, warmup, min_sample_s):
+        self.fn, self.samples, self.pos = fn, [], 0
+        self.first = _run_sample(fn, inputs, 0, 1, device)  # compile, allocator and cache warm-up
+        for i in range(1, max(warmup, 2)):  # the last warm-up call also calibrates the batch size
+            self.one = _run_sample(fn, inputs, i, 1, device)
+        self.pos = max(warmup, 2)
+        self.calls = max(1, min(10000, math.ceil(min_sample_s / max(self.one, 1e-7))))
+
+    def sample(self, inputs, device) -> None:
+        self.samples.append(_run_sample(self.fn, inputs, self.pos, self.calls, device) / self.calls)
+        self.pos += self.calls
+
+    def timing(self) -> Timing:
+        return Timing(statistics.median(self.samples), min(self.samples), len(self.samples), self.calls, self.first)
+
+
+def measure_group(
+    fns: Dict[str, Any],
+    inputs: Sequence[Any],
+    device: torch.device,
+    *,
+    quick: bool = False,
+    warmup: int = 2,
+    repeats: Optional[int] = None,
+    min_sample_s: Optional[float] = None,
+    max_total_s: Optional[float] = None,
+) -> Dict[str, Timing]:
+    """measure() for several callables on the same inputs, their samples interleaved round-robin so
+    that a change in machine load (other jobs on a shared machine) hits all of them alike and their
+    ratios stay fair. A value that is already a Timing (e.g. skipped(...)) is passed through.
+    `max_total_s` bounds the sampling time of each callable."""
     if not inputs:
         raise ValueError("benchmarks: measure() needs at least one input")
     inputs = [_as_args(item) for item in inputs]
-    repeats = repeats if repeats is not None else (5 if quick else 15)
+    repeats = repeats if repeats is not None else (7 if quick else 15)
     min_sample_s = min_sample_s if min_sample_s is not None else (2e-3 if quick else 5e-3)
-    max_total_s = max_total_s if max_total_s is not None else (1.0 if quick else 4.0)
-    try:
-        first = _run_sample(fn, inputs, 0, 1, device)  # compile, allocator and cache warm-up
-        warmup = max(warmup, 2)
-        for i in range(1, warmup):  # the last warm-up call also calibrates the batch size
-            one = _run_sample(fn, inputs, i, 1, device)
-        calls = max(1, min(10000, math.ceil(min_sample_s / max(one, 1e-7))))
-        repeats = max(3, min(repeats, int(max_total_s / max(one * calls, 1e-9))))
-        samples, pos = [], warmup
-        for _ in range(repeats):
-            samples.append(_run_sample(fn, inputs, pos, calls, device) / calls)
-            pos += calls
-    except Exception as exc:  # a failing peer is a result, not a crash
-        synchronize_quietly(device)
-        return Timing(error=error_text(exc))
-    return Timing(statistics.median(samples), min(samples), len(samples), calls, first)
+    max_total_s = max_total_s if max_total_s is not None else (1.5 if quick else 4.0)
+    results: Dict[str, Timing] = {}
+    running: Dict[str, _Candidate] = {}
+    for name, fn in fns.items():
+        if isinstance(fn, Timing):
+            results[name] = fn
+            continue
+        try:
+            running[name] = _Candidate(fn, inputs, device, warmup, min_sample_s)
+        except Exception as exc:  # a failing peer is a result, not a crash
+            synchronize_quietly(device)
+            results[name] = Timing(error=error_text(exc))
+    rounds = {n: max(3, min(repeats, int(max_total_s / max(c.one * c.calls, 1e-9)))) for n, c in running.items()}
+    for r in range(max(rounds.values(), default=0)):
+        for name, cand in list(running.items()):
+            if r >= rounds[name]:
+                continue
+            try:
+                cand.sample(inputs, device)
+            except Exception as exc:
+                synchronize_quietly(device)
+                results[name] = Timing(error=error_text(exc))
+                del running[name]
+    for name, cand in running.items():
+        results[name] = cand.timing()
+    return {name: results[name] for name in fns}
 
 
 def synchronize_quietly(device: torch.device) -> None:
