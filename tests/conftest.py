@@ -1,0 +1,34 @@
+"""Shared test fixtures: the devices to run on and the shared data folder beside the checkout."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_ROOT.parent / "shared"
+
+# `python -m pytest` already puts the working directory on sys.path; this makes a bare `pytest` run
+# from anywhere import the in-place build too.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+CUDA_AVAILABLE = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA device")
+
+# CPU always; CUDA only where a GPU is visible. A GPU with a CPU-only build of qkernels fails on
+# purpose (check_backend names the problem) rather than skipping silently.
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture
+def shared_data_dir():
+    path = SHARED_DIR / "data"
+    if not path.is_dir():
+        pytest.skip("shared data folder %s is absent" % path)
+    return path
