@@ -53,14 +53,53 @@ def _swap_children(module: nn.Module, swap: Callable[[nn.Module, nn.Module, str,
             _swap_children(child, swap, memo)
 
 
-def _next_sibling(parent: nn.Module, name: str):
-    if not isinstance(parent, nn.Sequential):
+def _next_sibling(parent: nn.Module, name: str, skip_identity: bool = False):
+    # Only a plain nn.Sequential says that one module's output is the next one's only input.
+    if type(parent) is not nn.Sequential:
         return None, None
     names = list(parent._modules.keys())
-    i = names.index(name)
-    if i + 1 >= len(names):
-        return None, None
-    return names[i + 1], parent._modules[names[i + 1]]
+    for next_name in names[names.index(name) + 1:]:
+        nxt = parent._modules[next_name]
+        if not (skip_identity and isinstance(nxt, nn.Identity)):
+            return next_name, nxt
+    return None, None
+
+
+def _flatten_sequential(seq: nn.Module):
+    leaves = []
+    for m in seq._modules.values():
+        if type(m) is nn.Sequential:
+            leaves.extend(_flatten_sequential(m))
+        elif m is not None:
+            leaves.append(m)
+    return leaves
+
+
+def _chain_int8_layers(model: nn.Module, int8_kinds) -> None:
+    """Let an int8 layer write int8 codes when, in a plain nn.Sequential (nested ones followed through),
+    the next module after it (skipping nn.Identity) is an int8 layer with a static 8-bit input scale.
+    Modules used at several places are left alone (their successor is not unique)."""
+    uses: Dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+
+    def visit(module):
+        if type(module) is nn.Sequential:
+            leaves = _flatten_sequential(module)
+            for i, layer in enumerate(leaves):
+                if not isinstance(layer, int8_kinds) or uses[id(layer)] > 1 or layer.activation == "relu6":
+                    continue
+                following = [m for m in leaves[i + 1:] if not isinstance(m, nn.Identity)]
+                if following and isinstance(following[0], int8_kinds) and uses[id(following[0])] == 1 \
+                        and following[0].accepts_codes():
+                    layer.chain_to(following[0])
+            children = leaves
+        else:
+            children = [m for m in module._modules.values() if m is not None]
+        for child in children:
+            visit(child)
+
+    visit(model)
 
 
 class QuantizeTranspiler:
@@ -155,6 +194,56 @@ class QuantizeTranspiler:
             parent._modules[name] = new
 
         _swap_children(model, swap, {})
+        return model
+
+    # --- int8 ---------------------------------------------------------------------------------------
+
+    def convert_to_int8(self, model: nn.Module) -> nn.Module:
+        """Swap the frozen (or still training-form: they are frozen first) layers for Int8Conv2d / Int8Linear,
+        in place; returns ``model``. In a plain nn.Sequential, a BatchNorm2d right after a conv is folded
+        into the epilogue and a following ReLU / ReLU6 fused (both become nn.Identity), and a layer whose
+        next layer has a static 8-bit input scale writes that layer's int8 codes directly.
+
+        To load a saved int8 state_dict: ``convert_to_int8(training_transpile(fresh float model))`` with the
+        same transpiler settings, then ``load_state_dict``."""
+        from .nn.int8_layers import Int8Conv2d, Int8Linear
+
+        if not isinstance(model, nn.Module):
+            raise TypeError("qkernels: convert_to_int8 expects an nn.Module, got %s" % type(model).__name__)
+        if self._has_int8(model):
+            raise RuntimeError("qkernels: this model was already converted to int8")
+        if _count(model, (QuantConv2d, QuantLinear)):
+            self.freeze_program(model)
+        frozen = [m for m in model.modules() if isinstance(m, (FrozenConv2d, FrozenLinear))]
+        if not frozen:
+            raise RuntimeError("qkernels: the model has no quantized layers: call training_transpile(model) "
+                               "(and train it) before convert_to_int8")
+        for m in frozen:
+            if m.weight_bits > 8 or m.input_quantizer.bits > 8:
+                raise ValueError("qkernels: convert_to_int8 needs weight_bits and activation_bits <= 8 (int8 "
+                                 "kernels), got %d and %d" % (m.weight_bits, m.input_quantizer.bits))
+
+        def swap(parent, child, name, memo):
+            if isinstance(child, FrozenConv2d):
+                new = Int8Conv2d.from_frozen(child, self.weight_storage)
+            elif isinstance(child, FrozenLinear):
+                new = Int8Linear.from_frozen(child, self.weight_storage)
+            else:
+                return
+            new.train(child.training)
+            memo[id(child)] = (child, new)
+            parent._modules[name] = new
+            next_name, nxt = _next_sibling(parent, name, skip_identity=True)
+            if isinstance(new, Int8Conv2d) and nxt is not None and id(nxt) not in memo and can_fold(new, nxt):
+                new.fold_batch_norm(nxt)
+                parent._modules[next_name] = nn.Identity()
+                next_name, nxt = _next_sibling(parent, next_name, skip_identity=True)
+            if nxt is not None and type(nxt) in (nn.ReLU, nn.ReLU6):
+                new.fuse_activation("relu" if type(nxt) is nn.ReLU else "relu6")
+                parent._modules[next_name] = nn.Identity()
+
+        _swap_children(model, swap, {})
+        _chain_int8_layers(model, (Int8Conv2d, Int8Linear))
         return model
 
     @staticmethod

@@ -1,6 +1,7 @@
 """QuantizeTranspiler: training_transpile, fold_bn, freeze_program, convert_to_int8 on small nets and MobileNet-SSD."""
 import copy
 import importlib.util
+import io
 
 import pytest
 import torch
@@ -13,6 +14,10 @@ from qkernels import reference as ref
 from qkernels.nn import (FakeQuantRangeAbsMax, FoldedBatchNorm2d, FrozenConv2d, FrozenLinear, QuantConv2d,
                          QuantLinear, set_quantization_enabled)
 
+HAS_INT8 = hasattr(qkernels, "conv2d_int8") and hasattr(qkernels, "linear_int8")
+needs_int8 = pytest.mark.skipif(not HAS_INT8, reason="the int8 ops are not available yet")
+if HAS_INT8:
+    from qkernels.nn.int8_layers import Int8Conv2d, Int8Linear
 HAS_SSD = importlib.util.find_spec("ssd") is not None and importlib.util.find_spec("ssd.model") is not None
 ACTIVATION_TYPES = ["abs_max", "range_abs_max", "moving_average_abs_max"]
 
@@ -337,7 +342,7 @@ def test_mobilenet_ssd_transpile_and_freeze():
     assert count(model, FoldedBatchNorm2d) == n_bn == 35
     depthwise = [m for m in model.modules() if isinstance(m, QuantConv2d) and m.groups > 1]
     assert len(depthwise) == 13
-    x = torch.randn(2, 3, 96, 96)
+    x = torch.randn(2, 3, 64, 64)
     locs, confs = model.train()(x)
     (locs.square().mean() + confs.square().mean()).backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -350,3 +355,124 @@ def test_mobilenet_ssd_transpile_and_freeze():
     for name, (inp, out) in records.items():
         with torch.no_grad():
             torch.testing.assert_close(layers[name](inp), out, atol=1e-5 * out.abs().max().item(), rtol=0)
+    if not HAS_INT8:
+        return
+    int8 = t.convert_to_int8(copy.deepcopy(frozen))
+    int8_layers = [m for m in int8.modules() if isinstance(m, Int8Conv2d)]
+    assert len(int8_layers) == 47 and count(int8, nn.ReLU) == 0 and count(int8, nn.BatchNorm2d) == 0
+    assert sum(m.activation == "relu" for m in int8_layers) == 35
+    # inside body_19, body_10 and each extra block every conv but the last writes int8 codes
+    assert sum(m.chained for m in int8_layers) == (23 - 1) + (4 - 1) + 4 * (2 - 1)
+    check_int8_layer_by_layer(frozen, int8, x)
+    assert state_dict_bytes(int8) < 0.3 * state_dict_bytes(MobileNetSSD(num_classes=21))
+
+
+# --- convert_to_int8 --------------------------------------------------------------------------------
+
+def state_dict_bytes(model):
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def frozen_reference_after(frozen, name, out):
+    """The frozen layer's output passed through the BatchNorm2d / ReLU / ReLU6 that follow it in its
+    nn.Sequential (what the int8 layer fuses)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = frozen.get_submodule(parent_name) if parent_name else frozen
+    if type(parent) is not nn.Sequential:
+        return out
+    names = list(parent._modules)
+    for following in names[names.index(child) + 1:]:
+        m = parent._modules[following]
+        if not isinstance(m, (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Identity)):
+            break
+        out = m(out)
+    return out
+
+
+def check_int8_layer_by_layer(frozen, int8, x):
+    """Every int8 layer, fed the frozen model's input of that layer, gives the frozen layer's output (with
+    the fused batch norm and activation) up to float rounding; chained layers give the next layer's input
+    codes within half a code step (the rounding), after the next layer's clipping."""
+    _, records = layer_inputs_and_outputs(frozen, x)
+    layers = dict(int8.named_modules())
+    assert len(records) == sum(isinstance(m, (Int8Conv2d, Int8Linear)) for m in int8.modules())
+    for name, (inp, out) in records.items():
+        layer = layers[name]
+        with torch.no_grad():
+            want = frozen_reference_after(frozen, name, out)
+            got = layer(inp)
+        if layer.chained:
+            assert got.dtype == torch.int8
+            s_n = layer.output_scale
+            err = (got.float() * s_n / 127 - want.clamp(-s_n, s_n)).abs().max()
+            assert err <= 0.5 * s_n / 127 * (1 + 1e-4) + 1e-6, name
+        else:
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want, atol=2e-6 * want.abs().max().item() + 1e-7, rtol=0, msg=name)
+
+
+@needs_int8
+@pytest.mark.parametrize("kind", ACTIVATION_TYPES)
+@pytest.mark.parametrize("fold_bn,weight_type", [(False, "abs_max"), (True, "channel_wise_abs_max")])
+def test_int8_equals_frozen(kind, fold_bn, weight_type):
+    t, net = trained(kind, fold_bn, weight_type)
+    frozen = t.freeze_program(copy.deepcopy(net))
+    int8 = t.convert_to_int8(copy.deepcopy(frozen))
+    assert count(int8, Int8Conv2d) == 3 and count(int8, Int8Linear) == 1
+    assert count(int8, nn.BatchNorm2d) == 0 and count(int8, nn.ReLU) == 0 and count(int8, nn.ReLU6) == 0
+    convs = [m for m in int8.modules() if isinstance(m, Int8Conv2d)]
+    assert [c.activation for c in convs] == ["relu", "relu6", "relu"]
+    # only conv0 -> conv1 can chain: conv1 has a ReLU6, conv2 ends the Sequential
+    assert [c.chained for c in convs] == [kind != "abs_max", False, False]
+    for m in convs:
+        assert m.weight.dtype == torch.int8
+    x = images(seed=11)
+    check_int8_layer_by_layer(frozen, int8, x)
+    with torch.no_grad():
+        want, got = frozen(x), int8(x)
+    # end to end: rounding differences may move a code by one step; allow a few steps of the fc output
+    fc = int8.fc
+    _, records = layer_inputs_and_outputs(frozen, x)
+    s_a = records["fc"][0].abs().max().item() if kind == "abs_max" else fc.input_scale.item()
+    step = s_a / 127 * (fc.weight.float().abs().sum(1) * fc.weight_scale / 127).max().item()
+    assert (got - want).abs().max().item() <= 2 * step + 1e-5
+
+
+@needs_int8
+@pytest.mark.parametrize("storage", ["int8", "uint8"])
+def test_int8_state_dict_round_trip(storage):
+    t, net = trained("range_abs_max", fold_bn=False)
+    t.weight_storage = storage
+    int8 = t.convert_to_int8(copy.deepcopy(net))  # straight from the training form: frozen on the way
+    state = int8.state_dict()
+    assert state["features.0.weight"].dtype == (torch.int8 if storage == "int8" else torch.uint8)
+    if storage == "uint8":
+        torch.testing.assert_close(state["features.0.weight"].to(torch.int16) - 128,
+                                   int8.features[0].weight.to(torch.int16), rtol=0, atol=0)
+    assert "features.0.output_scale" in state and "features.0.bn_factor" in state
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    fresh = t.convert_to_int8(t.training_transpile(make_net(seed=9)))
+    fresh.load_state_dict(torch.load(buffer))
+    assert fresh.features[0].weight.dtype == torch.int8
+    x = images(seed=5)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), int8.eval()(x))
+
+
+@needs_int8
+def test_int8_bad_use():
+    t = QuantizeTranspiler()
+    with pytest.raises(RuntimeError, match="training_transpile"):
+        t.convert_to_int8(make_net())
+    int8 = t.convert_to_int8(t.training_transpile(make_net()))
+    with pytest.raises(RuntimeError, match="already converted"):
+        t.convert_to_int8(int8)
+    with pytest.raises(RuntimeError, match="already"):
+        t.training_transpile(int8)
+    wide = QuantizeTranspiler(weight_bits=12)
+    with pytest.raises(ValueError, match="<= 8"):
+        wide.convert_to_int8(wide.training_transpile(make_net()))

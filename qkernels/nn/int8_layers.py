@@ -1,0 +1,209 @@
+"""Int8Conv2d / Int8Linear: real int8 inference, made by ``QuantizeTranspiler.convert_to_int8``.
+
+Each layer holds int8 weight codes and runs qkernels.conv2d_int8 / linear_int8 with the fused epilogue
+``act(acc * scale + bias)``:
+- input: float, quantized here with the frozen scale (static types) or the batch abs max (``abs_max``);
+  or already int8 codes, when the previous layer was *chained* to this one (below);
+- ``scale = s_a * s_w / (bin_a * bin_w)`` (one per output channel for channel-wise weights), times the
+  batch-norm factor ``gamma / sqrt(var + eps)`` when a BatchNorm2d directly after the conv was folded in;
+  ``bias`` is the layer's bias with that batch norm folded in;
+- ``activation``: a ReLU / ReLU6 directly after the layer (and its batch norm) in an nn.Sequential is
+  fused; the module it replaces becomes nn.Identity.
+
+Chaining: when, inside one nn.Sequential (nested Sequentials are followed through), the next thing after
+a layer is another int8 layer with a static 8-bit input scale ``s_n``, the layer writes int8 codes of that
+layer's input directly (``scale * 127 / s_n``, ``bias * 127 / s_n``, rounding half away from zero and
+saturating to [-127, 127], which is what that layer's quantizer would do), so no float tensor is made in
+between. A layer with a fused ReLU6 is not chained (its clamp at 6 cannot be expressed in codes of an
+arbitrary scale); the chaining decision depends only on the structure, so that a freshly converted model
+has the same state_dict keys as a trained one.
+
+State (``state_dict``): ``weight`` (int8; or uint8 = code + 128 with ``weight_storage="uint8"``, converted
+back to int8 on load), ``weight_scale``, ``bias``, ``input_scale`` (static types), ``bn_factor`` (folded
+batch norm), ``output_scale`` (chained layers). The epilogue constants derive from these and are
+recomputed after ``load_state_dict``.
+"""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops as qk
+from .quantizers import bin_count
+
+ACTIVATIONS = (None, "relu", "relu6")
+
+
+class _Int8Layer(nn.Module):
+    def _init_common(self, frozen, weight_storage: str):
+        quantizer = frozen.input_quantizer
+        self.activation_bits = quantizer.bits
+        self.weight_bits = frozen.weight_bits
+        self.weight_quantize_type = frozen.weight_quantize_type
+        self.static = quantizer.static
+        self.weight_storage = weight_storage
+        self.activation: Optional[str] = None
+        self.register_buffer("weight", frozen.weight.detach().round().to(torch.int8))
+        self.register_buffer("weight_scale", frozen.weight_scale.detach().clone())
+        self.register_buffer("bias", None if frozen.bias is None else frozen.bias.detach().clone())
+        self.register_buffer("input_scale", quantizer.scale.detach().clone() if self.static else None)
+        self.register_buffer("bn_factor", None)
+        self.register_buffer("output_scale", None)
+        self.register_buffer("_epilogue_scale", None, persistent=False)
+        self.register_buffer("_epilogue_bias", None, persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _incompatible: module.refresh())
+
+    # --- structure set by the transpiler ----------------------------------------------------------
+
+    def fold_batch_norm(self, bn: nn.BatchNorm2d) -> None:
+        """Fold an eval-mode BatchNorm2d that follows this layer into the epilogue scale and bias."""
+        if self.activation is not None or self.output_scale is not None:
+            raise RuntimeError("qkernels: fold the batch norm before fusing an activation or chaining")
+        with torch.no_grad():
+            factor = torch.rsqrt(bn.running_var.float() + bn.eps)
+            if bn.affine:
+                factor = factor * bn.weight.float()
+            shift = -bn.running_mean.float() if self.bias is None else self.bias - bn.running_mean.float()
+            bias = shift * factor
+            if bn.affine:
+                bias = bias + bn.bias.float()
+        self.bn_factor = factor if self.bn_factor is None else self.bn_factor * factor
+        self.bias = bias
+        self.refresh()
+
+    def fuse_activation(self, activation: Optional[str]) -> None:
+        if activation not in ACTIVATIONS:
+            raise ValueError("qkernels: activation must be None, 'relu' or 'relu6', got %r" % (activation,))
+        self.activation = activation
+        self.refresh()
+
+    def accepts_codes(self) -> bool:
+        """Whether a previous layer may hand this one int8 codes (static 8-bit input scale)."""
+        return self.static and self.activation_bits == 8
+
+    def chain_to(self, next_layer: "_Int8Layer") -> None:
+        """Write int8 codes for ``next_layer``'s input instead of float."""
+        if not next_layer.accepts_codes():
+            raise RuntimeError("qkernels: can only chain into a layer with a static 8-bit input scale")
+        if self.activation == "relu6":
+            raise RuntimeError("qkernels: a layer with a fused ReLU6 cannot write int8 codes")
+        self.output_scale = next_layer.input_scale.detach().clone()
+        self.refresh()
+
+    @property
+    def chained(self) -> bool:
+        return self.output_scale is not None
+
+    # --- epilogue constants -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute the epilogue scale and bias from the persistent state."""
+        scale = self.weight_scale.float() / float(bin_count(self.activation_bits) * bin_count(self.weight_bits))
+        if self.bn_factor is not None:
+            scale = scale * self.bn_factor
+        if self.static:
+            scale = scale * self.input_scale
+        bias = None if self.bias is None else self.bias.float()
+        if self.output_scale is not None:
+            # codes of the next layer's input: y * 127 / s_n (a zero scale gives zero codes, as quantize does)
+            usable = self.output_scale > 1e-30
+            to_codes = torch.where(usable, 127.0 / torch.where(usable, self.output_scale, 1.0), 0.0)
+            scale = scale * to_codes
+            bias = None if bias is None else bias * to_codes
+        self._epilogue_scale = scale.contiguous()
+        self._epilogue_bias = None if bias is None else bias.contiguous()
+
+    def _input_codes(self, x: torch.Tensor):
+        """(int8 codes, scale factor for the epilogue)."""
+        if x.dtype == torch.int8:  # codes from a chained previous layer, already in this layer's scale
+            return x, self._epilogue_scale
+        if self.static:
+            return qk.quantize_with_scale(x, self.input_scale, self.activation_bits), self._epilogue_scale
+        codes, s = qk.quantize_abs_max(x, self.activation_bits)
+        return codes, s * self._epilogue_scale
+
+    def _out_dtype(self) -> torch.dtype:
+        return torch.int8 if self.output_scale is not None else torch.float32
+
+    # --- uint8 weight storage ---------------------------------------------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight_storage == "uint8":
+            destination[prefix + "weight"] = (self.weight.to(torch.int16) + 128).to(torch.uint8)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "weight"
+        if key in state_dict and state_dict[key].dtype == torch.uint8:
+            state_dict = dict(state_dict)
+            state_dict[key] = (state_dict[key].to(torch.int16) - 128).to(torch.int8)
+        # Optional buffers (None until folded / chained) must exist to receive values: create them.
+        for name in ("bias", "input_scale", "bn_factor", "output_scale"):
+            if prefix + name in state_dict and getattr(self, name) is None:
+                incoming = state_dict[prefix + name]
+                setattr(self, name, torch.empty_like(incoming, device=self.weight.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _extra(self) -> str:
+        parts = ["weight=%s/%d bit" % (self.weight_quantize_type, self.weight_bits),
+                 "input=%s/%d bit" % ("static" if self.static else "abs_max", self.activation_bits)]
+        if self.bn_factor is not None:
+            parts.append("bn folded")
+        if self.activation:
+            parts.append("activation=%s" % self.activation)
+        if self.output_scale is not None:
+            parts.append("int8 out")
+        return ", ".join(parts)
+
+
+def _int_pair(padding, kernel_size, stride, dilation):
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0)
+        if all(s == 1 for s in stride) and all(d * (k - 1) % 2 == 0 for k, d in zip(kernel_size, dilation)):
+            return tuple(d * (k - 1) // 2 for k, d in zip(kernel_size, dilation))
+        raise ValueError("qkernels: convert_to_int8 supports padding='same' only when it is symmetric")
+    return tuple(int(p) for p in padding)
+
+
+class Int8Conv2d(_Int8Layer):
+    @classmethod
+    def from_frozen(cls, frozen, weight_storage: str = "int8") -> "Int8Conv2d":
+        if frozen.padding_mode != "zeros":
+            raise ValueError("qkernels: convert_to_int8 supports padding_mode='zeros' only, got %r" % frozen.padding_mode)
+        new = cls()
+        new.in_channels, new.out_channels, new.groups = frozen.in_channels, frozen.out_channels, frozen.groups
+        new.kernel_size, new.stride, new.dilation = frozen.kernel_size, frozen.stride, frozen.dilation
+        new.padding = _int_pair(frozen.padding, frozen.kernel_size, frozen.stride, frozen.dilation)
+        new._init_common(frozen, weight_storage)
+        new.refresh()
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes, scale = self._input_codes(x)
+        return qk.conv2d_int8(codes, self.weight, self._epilogue_bias, self.stride, self.padding, self.dilation,
+                              self.groups, scale, self._out_dtype(), self.activation)
+
+    def extra_repr(self) -> str:
+        return "%d, %d, kernel_size=%s, stride=%s, padding=%s, groups=%d, %s" % (
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.groups, self._extra())
+
+
+class Int8Linear(_Int8Layer):
+    @classmethod
+    def from_frozen(cls, frozen, weight_storage: str = "int8") -> "Int8Linear":
+        new = cls()
+        new.in_features, new.out_features = frozen.in_features, frozen.out_features
+        new._init_common(frozen, weight_storage)
+        new.refresh()
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes, scale = self._input_codes(x)
+        return qk.linear_int8(codes, self.weight, self._epilogue_bias, scale, self._out_dtype(),
+                              self.activation)
+
+    def extra_repr(self) -> str:
+        return "in_features=%d, out_features=%d, %s" % (self.in_features, self.out_features, self._extra())
