@@ -815,6 +815,20 @@ def test_bad_input_raises_clear_error(device, case):
         call()
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "a scale or state tensor on the meta device next to a CPU input is not rejected: the dispatcher picks "
+    "the Meta key, so the Python fake kernel runs: quantize_with_scale(cpu x, meta scale) returns an "
+    "uninitialised CPU tensor (garbage codes) and range/moving_average updates silently do nothing. Expected "
+    "'scale is on meta but the input is on cpu'"))
+def test_tensors_on_the_meta_device_raise_clear_error():
+    x = rand((4, 6))
+    with pytest.raises(RuntimeError, match="scale is on meta but the input is on cpu"):
+        qkernels.quantize_with_scale(x, torch.tensor(1.0, device="meta"))
+    with pytest.raises(RuntimeError, match="scale is on meta but the input is on cpu"):
+        scale, window, step = new_range_state(4, "cpu")
+        qkernels.range_abs_max_update_(x, scale.to("meta"), window, step, 4)
+
+
 @needs_cuda
 def test_tensors_on_another_device_raise_clear_error():
     x = rand((4, 6)).cuda()
