@@ -5,6 +5,7 @@ A script that fails or runs out of time is recorded with its exit status and the
 the others still run. This is what `make bench` calls.
 """
 import json
+import os
 import subprocess
 import sys
 import time
@@ -28,11 +29,22 @@ def clear_previous(folder: Path, scripts) -> None:
             (folder / (name + suffix)).unlink(missing_ok=True)
 
 
-def run_script(name, extra_args, timeout_s):
+def child_environment(policy: str):
+    """OMP_WAIT_POLICY for the scripts. On a CPU shared with other jobs, OpenMP threads that spin while
+    waiting compete with those jobs, and one descheduled thread stalls a whole parallel region: 2-thread
+    ops then take 10-50x longer, ours and PyTorch's alike (same libgomp). PASSIVE waiting keeps the
+    timings about the kernels. An OMP_WAIT_POLICY already set by the caller wins."""
+    env = dict(os.environ)
+    if policy != "default" and "OMP_WAIT_POLICY" not in env:
+        env["OMP_WAIT_POLICY"] = policy.upper()
+    return env
+
+
+def run_script(name, extra_args, timeout_s, env):
     cmd = [sys.executable, "-m", "benchmarks." + name] + extra_args
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=str(HERE.parent), capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, cwd=str(HERE.parent), capture_output=True, text=True, timeout=timeout_s, env=env)
         rc, out, err, timed_out = proc.returncode, proc.stdout, proc.stderr, False
     except subprocess.TimeoutExpired as exc:
         rc, timed_out = None, True
@@ -47,8 +59,9 @@ def run_script(name, extra_args, timeout_s):
             "error_tail": tail[-400:] if (rc != 0 or timed_out) else ""}
 
 
-def summary_markdown(runs, budget_s, total_s) -> str:
-    lines = ["Budget %.0f s, used %.0f s. Each script ran in its own process." % (budget_s, total_s), "",
+def summary_markdown(runs, budget_s, total_s, omp) -> str:
+    lines = ["Budget %.0f s, used %.0f s. Each script ran in its own process, OMP_WAIT_POLICY=%s."
+             % (budget_s, total_s, omp), "",
              "| script | status | seconds | note |", "|---|---|---|---|"]
     for r in runs:
         if r.get("skipped"):
@@ -67,6 +80,9 @@ def main():
     parser.add_argument("--full", action="store_true", help="run the scripts without --quick (slow)")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for all scripts together (default 540)")
     parser.add_argument("--only", nargs="*", default=None, help="script names to run (default: every bench_*.py)")
+    parser.add_argument("--omp-wait-policy", choices=("passive", "active", "default"), default="passive",
+                        help="OMP_WAIT_POLICY for the scripts (default passive: steadier on a shared CPU; "
+                             "'default' leaves it unset)")
     parser.add_argument("--script-args", default="", help="extra arguments passed to every script, e.g. '--no-compile'")
     args = parser.parse_args()
     device, env = common.setup(args)
@@ -82,6 +98,7 @@ def main():
     passed += ["--threads", str(args.threads)] if args.threads else []
     passed += args.script_args.split()
 
+    child_env = child_environment(args.omp_wait_policy)
     start, runs = time.perf_counter(), []
     for i, name in enumerate(scripts):
         left = args.budget - (time.perf_counter() - start)
@@ -92,12 +109,13 @@ def main():
         fair = left / (len(scripts) - i)
         timeout = min(left, max(2 * fair, MIN_SCRIPT_S))
         print("== %s (timeout %.0f s)" % (name, timeout), flush=True)
-        runs.append(run_script(name, passed, timeout))
+        runs.append(run_script(name, passed, timeout, child_env))
     total = time.perf_counter() - start
 
     doc = {"script": SUMMARY, "command": "python -m benchmarks.run_all " + " ".join(sys.argv[1:]),
            "environment": env, "loadavg_after": common.environment(device).get("loadavg_1_5_15"),
-           "runs": runs, "extra_markdown": summary_markdown(runs, args.budget, total), "sections": []}
+           "runs": runs, "sections": [],
+           "extra_markdown": summary_markdown(runs, args.budget, total, child_env.get("OMP_WAIT_POLICY", "unset"))}
     print(doc["extra_markdown"])
     if not args.no_save:
         common.write_atomic(folder / (SUMMARY + ".json"), json.dumps(doc, indent=1) + "\n")
