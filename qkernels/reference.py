@@ -3,6 +3,8 @@
 Tests compare the kernels with these; benchmarks use the eager compositions as baselines. Nothing
 here imports the compiled library.
 """
+import math
+
 import torch
 
 
@@ -22,17 +24,20 @@ def finite_abs_max(x: torch.Tensor) -> torch.Tensor:
 
 
 def quant_codes(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """round(clip(x, -s, s) / s * bin) in float64; zero where the scale is (almost) zero."""
+    """round(clip(x, -s, s) / s * bin) in float64; zero where the scale is unusable (<= 1e-30 or not
+    finite), except that NaN inputs stay NaN."""
     xd, s = x.double(), scale.double()
-    usable = s > 1e-30
+    usable = (s > 1e-30) & torch.isfinite(s)
     safe = torch.where(usable, s, torch.ones_like(s))
     q = round_half_away(torch.maximum(torch.minimum(xd, safe), -safe) / safe * bin_count(bits))
-    return torch.where(usable, q, torch.zeros_like(q))
+    return torch.where(usable, q, q * 0)  # q * 0 keeps NaN inputs NaN, as the kernels do
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     s = scale.double()
-    return quant_codes(x, scale, bits) * s / bin_count(bits)
+    usable = (s > 1e-30) & torch.isfinite(s)
+    step = torch.where(usable, s, torch.zeros_like(s)) / bin_count(bits)
+    return quant_codes(x, scale, bits) * step
 
 
 def fake_quant_abs_max(x: torch.Tensor, bits: int = 8):
@@ -43,7 +48,7 @@ def fake_quant_abs_max(x: torch.Tensor, bits: int = 8):
 def fake_channel_wise_quant_abs_max(x: torch.Tensor, bits: int = 8, axis: int = 0):
     axis = axis % x.dim()
     moved = x.double().movedim(axis, 0)
-    flat = moved.reshape(moved.shape[0], -1)
+    flat = moved.reshape(moved.shape[0], math.prod(moved.shape[1:]))  # also for zero channels
     a = flat.abs()
     a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
     scales = a.amax(dim=1) if flat.shape[1] else torch.zeros(flat.shape[0], dtype=torch.float64)

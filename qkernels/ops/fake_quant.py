@@ -13,7 +13,7 @@ from typing import Tuple
 
 import torch
 
-from .._library import check_backend, ops
+from .._library import check_backend, check_same_device, ops
 
 STE_MODES = ("identity", "clip")
 
@@ -70,14 +70,18 @@ def fake_quant_with_scale(x: torch.Tensor, scale, bits: int = 8, ste: str = "ide
     """Fake quantization with a given scale (a float or a one-element float32 tensor): static use."""
     _check_input(x)
     _check_bits(bits)
-    return ops.fake_quant_with_scale(x, _as_scale(scale, x), bits, _clip_grad_flag(ste))
+    scale = _as_scale(scale, x)
+    check_same_device(x, scale=scale)
+    return ops.fake_quant_with_scale(x, scale, bits, _clip_grad_flag(ste))
 
 
 def quantize_with_scale(x: torch.Tensor, scale, bits: int = 8) -> torch.Tensor:
     """Integer codes of x for a given scale."""
     _check_input(x)
     _check_bits(bits)
-    return ops.quantize_with_scale(x, _as_scale(scale, x), bits)
+    scale = _as_scale(scale, x)
+    check_same_device(x, scale=scale)
+    return ops.quantize_with_scale(x, scale, bits)
 
 
 def fake_channel_wise_quant_abs_max(
@@ -103,6 +107,7 @@ def range_abs_max_update_(x, scale, window, step, window_size: int) -> None:
     across processes, reduce ``abs_max(x)`` (MAX) first and pass that 0-dim tensor as ``x``.
     """
     _check_input(x)
+    check_same_device(x, scale=scale, window=window, step=step)
     ops.range_abs_max_update_(x, scale, window, step, window_size)
 
 
@@ -110,6 +115,7 @@ def moving_average_abs_max_update_(x, scale, accum, state, moving_rate: float = 
     """Training step of ``moving_average_abs_max``: ``state = r*state + 1; accum = r*accum + max|x|;
     scale = accum / state``, in place on x's device."""
     _check_input(x)
+    check_same_device(x, scale=scale, accum=accum, state=state)
     ops.moving_average_abs_max_update_(x, scale, accum, state, float(moving_rate))
 
 
