@@ -403,6 +403,10 @@ def _git_commit() -> str:
         return "unknown"
 
 
+# Environment variables that change CPU timings a lot: OpenMP waiting and torch's CPU allocator.
+THREADING_ALLOC_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "THP_MEM_ALLOC_ENABLE")
+
+
 def environment(device: torch.device) -> Dict[str, Any]:
     """What the numbers depend on. Load average matters: other jobs on a 2-core machine skew times."""
     env: Dict[str, Any] = {
@@ -415,8 +419,8 @@ def environment(device: torch.device) -> Dict[str, Any]:
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "omp_env": " ".join("%s=%s" % (k, os.environ[k]) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-                            if k in os.environ) or "unset",
+        "threading_alloc_env": " ".join("%s=%s" % (k, os.environ[k]) for k in THREADING_ALLOC_VARS
+                                        if k in os.environ) or "none set",
         "cpu_isa_qkernels": cpu_isa(),
         "torch_cpu_capability": _safe(lambda: torch.backends.cpu.get_cpu_capability()),
         "git": _git_commit(),
@@ -443,7 +447,7 @@ def _safe(fn):
         return "unavailable: " + error_text(exc)
 
 
-ENV_KEYS = ["timestamp_utc", "device", "torch", "torch_cuda", "python", "cpu", "cpu_count", "torch_threads", "omp_env",
+ENV_KEYS = ["timestamp_utc", "device", "torch", "torch_cuda", "python", "cpu", "cpu_count", "torch_threads", "threading_alloc_env",
             "cpu_isa_qkernels", "torch_cpu_capability", "qkernels", "qkernels_has_cuda_kernels", "gpu_memory_gib",
             "gpu_sm_count", "git", "loadavg_1_5_15"]
 
