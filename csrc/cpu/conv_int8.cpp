@@ -8,6 +8,8 @@
 //                                 pixels as they are); see int8_gemm.cpp.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -169,6 +171,7 @@ struct DepthwiseArgs {
   const ChannelParams* p;
   void* out;  // NHWC
   int64_t esize;
+  Isa vec;
 };
 
 constexpr int64_t kDwChunk = 128;  // channels per accumulator block (fits in registers / L1)
@@ -192,7 +195,7 @@ QK_INLINE void depthwise_row_body(const DepthwiseArgs& a, int64_t b, int64_t oh)
           for (int64_t c = 0; c < cn; ++c) acc[c] += (int32_t)xp[c] * (int32_t)wp[c];
         }
       }
-      int8_epilogue_row(acc, cn, a.p->scale.data() + c0, a.p->bias.data() + c0, 1, s.act, s.out_kind,
+      int8_epilogue_row(a.vec, acc, cn, a.p->scale.data() + c0, a.p->bias.data() + c0, 1, s.act, s.out_kind,
                         static_cast<char*>(a.out) + (pixel * s.C + c0) * a.esize, 1);
     }
   }
@@ -204,6 +207,55 @@ QK_TARGET_AVX512 void depthwise_row_avx512(const DepthwiseArgs& a, int64_t b, in
 QK_TARGET_AVX2 void depthwise_row_avx2(const DepthwiseArgs& a, int64_t b, int64_t oh) { depthwise_row_body(a, b, oh); }
 void depthwise_row_base(const DepthwiseArgs& a, int64_t b, int64_t oh) { depthwise_row_body(a, b, oh); }
 
+// AVX512-VNNI: 64 channels in four int32 accumulators per output pixel. Each weight sits in the low
+// int16 of a dword whose high half is 0 (w32), and vpmovsxbd puts x in the low int16, so vpdpwssd
+// adds exactly x*w (the high halves multiply by 0): one fused multiply-add per 16 channels and tap.
+#define QK_TARGET_VNNI512_DW __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
+QK_TARGET_VNNI512_DW void depthwise_row_vnni512(const DepthwiseArgs& a, const int32_t* w32, int64_t Cp, int64_t b,
+                                                int64_t oh) {
+  const Int8ConvShape& s = *a.s;
+  alignas(64) int32_t acc_out[64];
+  for (int64_t ow = 0; ow < s.OW; ++ow) {
+    const int64_t pixel = (b * s.OH + oh) * s.OW + ow;
+    for (int64_t c0 = 0; c0 < s.C; c0 += 64) {
+      const int64_t cn = std::min<int64_t>(64, s.C - c0);
+      __mmask16 m[4];
+      for (int v = 0; v < 4; ++v) {
+        const int64_t left = cn - 16 * v;
+        m[v] = left >= 16 ? (__mmask16)0xffff : (left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1));
+      }
+      __m512i acc0 = _mm512_setzero_si512(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+      for (int64_t i = 0; i < s.kh; ++i) {
+        const int64_t ih = oh * s.sh - s.ph + i * s.dh;
+        if (ih < 0 || ih >= s.H) continue;
+        for (int64_t j = 0; j < s.kw; ++j) {
+          const int64_t iw = ow * s.sw - s.pw + j * s.dw;
+          if (iw < 0 || iw >= s.W) continue;
+          const int8_t* xp = a.x + ((b * s.H + ih) * s.W + iw) * s.C + c0;
+          const int32_t* wp = w32 + (i * s.kw + j) * Cp + c0;
+          acc0 = _mm512_dpwssd_epi32(acc0, _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m[0], xp)),
+                                     _mm512_load_si512(wp));
+          if (cn > 16)
+            acc1 = _mm512_dpwssd_epi32(acc1, _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m[1], xp + 16)),
+                                       _mm512_load_si512(wp + 16));
+          if (cn > 32)
+            acc2 = _mm512_dpwssd_epi32(acc2, _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m[2], xp + 32)),
+                                       _mm512_load_si512(wp + 32));
+          if (cn > 48)
+            acc3 = _mm512_dpwssd_epi32(acc3, _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m[3], xp + 48)),
+                                       _mm512_load_si512(wp + 48));
+        }
+      }
+      _mm512_store_si512(acc_out, acc0);
+      _mm512_store_si512(acc_out + 16, acc1);
+      _mm512_store_si512(acc_out + 32, acc2);
+      _mm512_store_si512(acc_out + 48, acc3);
+      int8_epilogue_row(a.vec, acc_out, cn, a.p->scale.data() + c0, a.p->bias.data() + c0, 1, s.act, s.out_kind,
+                        static_cast<char*>(a.out) + (pixel * s.C + c0) * a.esize, 1);
+    }
+  }
+}
+
 void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8ConvShape& s, const ChannelParams& p,
                     at::Tensor& out) {
   // weights as [tap][channel] int16, so the channel loop reads both operands contiguously
@@ -212,11 +264,24 @@ void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8Co
   const int8_t* wp = wc.data_ptr<int8_t>();
   for (int64_t c = 0; c < s.C; ++c)
     for (int64_t t = 0; t < s.kh * s.kw; ++t) w16[t * s.C + c] = wp[c * s.kh * s.kw + t];
-  DepthwiseArgs a{xc.data_ptr<int8_t>(), w16.data(), &s, &p, out.data_ptr(), (int64_t)out.element_size()};
-  const Isa isa = int8_isa() == Int8Isa::kPortable ? Isa::kBase : cpu_isa();
+  const Int8Isa int8isa = int8_isa();
+  const Isa isa = int8_vector_isa(int8isa);
+  DepthwiseArgs a{xc.data_ptr<int8_t>(), w16.data(), &s, &p, out.data_ptr(), (int64_t)out.element_size(), isa};
+  const bool vnni = int8isa >= Int8Isa::kAvx512Vnni;
+  // for the VNNI kernel: [tap][Cp] dwords holding (uint16)w, channels padded to 64 with zeros
+  const int64_t Cp = (s.C + 63) / 64 * 64;
+  at::Tensor w32t = at::zeros({vnni ? s.kh * s.kw * Cp : 0}, at::TensorOptions().dtype(at::kInt));
+  int32_t* w32 = w32t.data_ptr<int32_t>();
+  if (vnni)
+    for (int64_t t = 0; t < s.kh * s.kw; ++t)
+      for (int64_t c = 0; c < s.C; ++c) w32[t * Cp + c] = (int32_t)(uint16_t)w16[t * s.C + c];
   at::parallel_for(0, s.N * s.OH, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / s.OH, oh = r % s.OH;
+      if (vnni) {
+        depthwise_row_vnni512(a, w32, Cp, b, oh);
+        continue;
+      }
       switch (isa) {
         case Isa::kAvx512: depthwise_row_avx512(a, b, oh); break;
         case Isa::kAvx2: depthwise_row_avx2(a, b, oh); break;

@@ -115,8 +115,58 @@ QK_INLINE void epilogue_row_any(const int32_t* acc, int64_t n, const float* s, c
   }
 }
 
+// The contiguous case by hand: the compiler's masked-vector version of the scalar code is slow. Same
+// results as int8_epilogue_value + saturate_int8, lane by lane: vmaxps/vminps return their second
+// operand when one is NaN, which keeps NaN through relu/relu6 as the scalar code does.
+template <int KIND, int ACT>
+QK_TARGET_AVX512 QK_INLINE void epilogue_contiguous_avx512(const int32_t* acc, int64_t n, const float* s, const float* b,
+                                                          void* out) {
+  const __m512 zero = _mm512_setzero_ps(), six = _mm512_set1_ps(6.f), half = _mm512_set1_ps(0.5f);
+  const __m512 one = _mm512_set1_ps(1.f), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+    const __m512i a = _mm512_maskz_loadu_epi32(m, acc + j);
+    if (KIND == kOutInt32) {
+      _mm512_mask_storeu_epi32(static_cast<int32_t*>(out) + j, m, a);
+      continue;
+    }
+    __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_maskz_loadu_ps(m, s + j), _mm512_maskz_loadu_ps(m, b + j));
+    if (ACT == kActRelu) v = _mm512_max_ps(zero, v);
+    if (ACT == kActRelu6) v = _mm512_min_ps(six, _mm512_max_ps(zero, v));
+    if (KIND == kOutFloat) {
+      _mm512_mask_storeu_ps(static_cast<float*>(out) + j, m, v);
+      continue;
+    }
+    // round half away from zero: t = trunc(v), then +-1 where the dropped fraction is >= 0.5
+    const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m512 d = _mm512_sub_ps(v, t);
+    __m512 r = _mm512_mask_add_ps(t, _mm512_cmp_ps_mask(d, half, _CMP_GE_OQ), t, one);
+    r = _mm512_mask_sub_ps(r, _mm512_cmp_ps_mask(d, _mm512_sub_ps(zero, half), _CMP_LE_OQ), r, one);
+    r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r);  // NaN -> 0
+    r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+    _mm_mask_storeu_epi8(static_cast<int8_t*>(out) + j, m, _mm512_cvtsepi32_epi8(_mm512_cvttps_epi32(r)));
+  }
+}
+
+template <int KIND>
+QK_TARGET_AVX512 QK_INLINE void epilogue_contiguous_kind(const int32_t* acc, int64_t n, const float* s, const float* b,
+                                                        int act, void* out) {
+  switch (act) {
+    case kActRelu: return epilogue_contiguous_avx512<KIND, kActRelu>(acc, n, s, b, out);
+    case kActRelu6: return epilogue_contiguous_avx512<KIND, kActRelu6>(acc, n, s, b, out);
+    default: return epilogue_contiguous_avx512<KIND, kActNone>(acc, n, s, b, out);
+  }
+}
+
 QK_TARGET_AVX512 void epilogue_row_avx512(const int32_t* acc, int64_t n, const float* s, const float* b, int64_t pstep,
                                           int act, int kind, void* out, int64_t ostride) {
+  if (ostride == 1 && pstep == 1) {
+    switch (kind) {
+      case kOutInt32: return epilogue_contiguous_kind<kOutInt32>(acc, n, s, b, act, out);
+      case kOutInt8: return epilogue_contiguous_kind<kOutInt8>(acc, n, s, b, act, out);
+      default: return epilogue_contiguous_kind<kOutFloat>(acc, n, s, b, act, out);
+    }
+  }
   epilogue_row_any(acc, n, s, b, pstep, act, kind, out, ostride);
 }
 QK_TARGET_AVX2 void epilogue_row_avx2(const int32_t* acc, int64_t n, const float* s, const float* b, int64_t pstep,
@@ -126,6 +176,19 @@ QK_TARGET_AVX2 void epilogue_row_avx2(const int32_t* acc, int64_t n, const float
 void epilogue_row_base(const int32_t* acc, int64_t n, const float* s, const float* b, int64_t pstep, int act, int kind,
                        void* out, int64_t ostride) {
   epilogue_row_any(acc, n, s, b, pstep, act, kind, out, ostride);
+}
+
+// x + 128 as uint8, in place: the u8 operand of vpdpbusd.
+QK_TARGET_AVX512 void flip_sign_bits_avx512(int8_t* p, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) p[i] = (int8_t)((uint8_t)p[i] ^ 0x80u);
+}
+QK_TARGET_AVX2 void flip_sign_bits_avx2(int8_t* p, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) p[i] = (int8_t)((uint8_t)p[i] ^ 0x80u);
+}
+void flip_sign_bits(int8_t* p, int64_t n) {
+  if (cpu_isa() == Isa::kAvx512) return flip_sign_bits_avx512(p, n);
+  if (cpu_isa() == Isa::kAvx2) return flip_sign_bits_avx2(p, n);
+  for (int64_t i = 0; i < n; ++i) p[i] = (int8_t)((uint8_t)p[i] ^ 0x80u);
 }
 
 // --- packing ---------------------------------------------------------------------------------------
@@ -404,9 +467,15 @@ const char* int8_isa_name(Int8Isa isa) {
 
 Int8Isa int8_isa() { return std::min(best_isa(), isa_cap()); }
 
-void int8_epilogue_row(const int32_t* acc, int64_t n, const float* s, const float* b, int64_t pstep, int act, int kind,
-                       void* out, int64_t ostride) {
-  switch (cpu_isa()) {
+Isa int8_vector_isa(Int8Isa isa) {
+  if (isa >= Int8Isa::kAvx512Vnni) return Isa::kAvx512;
+  if (isa >= Int8Isa::kAvx2) return Isa::kAvx2;
+  return Isa::kBase;
+}
+
+void int8_epilogue_row(Isa vec, const int32_t* acc, int64_t n, const float* s, const float* b, int64_t pstep, int act,
+                       int kind, void* out, int64_t ostride) {
+  switch (vec) {
     case Isa::kAvx512: return epilogue_row_avx512(acc, n, s, b, pstep, act, kind, out, ostride);
     case Isa::kAvx2: return epilogue_row_avx2(acc, n, s, b, pstep, act, kind, out, ostride);
     default: return epilogue_row_base(acc, n, s, b, pstep, act, kind, out, ostride);
@@ -414,7 +483,20 @@ void int8_epilogue_row(const int32_t* acc, int64_t n, const float* s, const floa
 }
 
 void Int8Epilogue::apply(int64_t r0, int64_t nr, int64_t c0, int64_t nc, const int32_t* C, int64_t ldc) const {
-  const int64_t esize = out_kind == kOutFloat ? 4 : (out_kind == kOutInt32 ? 4 : 1);
+  const int64_t esize = out_kind == kOutInt8 ? 1 : 4;
+  if (channel_on_rows && row_stride == 1 && nr <= 64 && nc <= 64) {
+    // Transposed product (rows are channels): transpose the tile so each output pixel gets one
+    // contiguous, vectorised epilogue over its channels.
+    int32_t T[64 * 64];
+    for (int64_t i = 0; i < nr; ++i)
+      for (int64_t j = 0; j < nc; ++j) T[j * nr + i] = C[i * ldc + j];
+    for (int64_t j = 0; j < nc; ++j) {
+      char* o = static_cast<char*>(out) + ((c0 + j) * col_stride + r0 + offset) * esize;
+      int8_epilogue_row(vec, T + j * nr, nr, scale + channel_offset + r0, bias + channel_offset + r0, 1, act, out_kind,
+                        o, 1);
+    }
+    return;
+  }
   for (int64_t i = 0; i < nr; ++i) {
     const int64_t r = r0 + i;
     char* o = static_cast<char*>(out) + (r * row_stride + c0 * col_stride + offset) * esize;
@@ -429,13 +511,15 @@ void Int8Epilogue::apply(int64_t r0, int64_t nr, int64_t c0, int64_t nc, const i
       b = bias + channel_offset + c0;
       pstep = 1;
     }
-    int8_epilogue_row(C + i * ldc, nc, s, b, pstep, act, out_kind, o, col_stride);
+    int8_epilogue_row(vec, C + i * ldc, nc, s, b, pstep, act, out_kind, o, col_stride);
   }
 }
 
 void int8_gemm(Int8Isa isa, int64_t p_rows, int64_t q_rows, int64_t K, Int8RowSource P, Int8RowSource Q,
-               const Int8Epilogue& ep) {
+               const Int8Epilogue& epilogue) {
   if (p_rows == 0 || q_rows == 0) return;
+  Int8Epilogue ep = epilogue;
+  ep.vec = int8_vector_isa(isa);
   // AMX works on 64-deep slices; a short K is cheaper on VNNI than padded to 64.
   if (isa == Int8Isa::kAmx && K < 64) isa = Int8Isa::kAvx512Vnni;
   const int64_t Kp = round_up(std::max<int64_t>(K, 1), isa == Int8Isa::kAmx ? 64 : 4);
@@ -462,8 +546,7 @@ void int8_gemm(Int8Isa isa, int64_t p_rows, int64_t q_rows, int64_t K, Int8RowSo
       if (pi != packed_panel) {
         std::memset(panel, 0, kPanelRows * Kp);
         P(r0, rows, panel, Kp);
-        if (biased)
-          for (int64_t i = 0; i < rows * Kp; ++i) panel[i] = (int8_t)((uint8_t)panel[i] ^ 0x80u);
+        if (biased) flip_sign_bits(panel, rows * Kp);
         packed_panel = pi;
       }
       PanelJob job{panel, rows, kPanelRows, Kp, r0, &q, ci * blocks_per_task,

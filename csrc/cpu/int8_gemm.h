@@ -62,6 +62,8 @@ std::vector<int64_t> linear_int8_out_sizes(const at::Tensor& x, int64_t O);
 #if !defined(__CUDACC__)
 #include <c10/util/FunctionRef.h>
 
+#include "cpu/simd.h"
+
 namespace qkernels {
 
 // Instruction sets of the CPU int8 products, best last. QKERNELS_INT8_ISA (portable, avx2, avx_vnni,
@@ -70,6 +72,7 @@ enum class Int8Isa { kPortable = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3, kA
 
 Int8Isa int8_isa();            // best available, capped by QKERNELS_INT8_ISA (read on every call)
 const char* int8_isa_name(Int8Isa isa);
+Isa int8_vector_isa(Int8Isa isa);  // the simd.h level that goes with it (epilogues, depthwise)
 
 // Where results go: C[r][c] of the product lands at output element
 //   out[r * row_stride + c * col_stride + offset]
@@ -85,6 +88,7 @@ struct Int8Epilogue {
   const float* scale = nullptr;
   const float* bias = nullptr;
   int act = kActNone;
+  Isa vec = Isa::kBase;  // set by int8_gemm from its instruction set
 
   // Writes the tile C[0..nr)[0..nc) (row stride ldc) whose top-left product element is (r0, c0).
   void apply(int64_t r0, int64_t nr, int64_t c0, int64_t nc, const int32_t* C, int64_t ldc) const;
@@ -92,7 +96,7 @@ struct Int8Epilogue {
 
 // out[j * ostride] = epilogue(acc[j]) for j < n, with channel parameters s[j * pstep], b[j * pstep];
 // `out` points at the first element, typed by `kind`. Vectorised for the processor at hand.
-void int8_epilogue_row(const int32_t* acc, int64_t n, const float* s, const float* b, int64_t pstep, int act, int kind,
+void int8_epilogue_row(Isa vec, const int32_t* acc, int64_t n, const float* s, const float* b, int64_t pstep, int act, int kind,
                        void* out, int64_t ostride);
 
 // Writes rows [r0, r0 + n) of an int8 matrix with K columns to dst (row stride ld >= K).
