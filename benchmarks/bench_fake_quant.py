@@ -166,14 +166,16 @@ def section_forward(device, quick, compiler, inputs):
 def section_forward_backward(device, quick, compiler, inputs):
     sec = common.Section("fake_quant_abs_max_fwd_bwd", "fake_quant_abs_max forward + backward, float32",
                          notes=["ours: ste=identity (the gradient passes unchanged). eager/compiled: the eager "
-                                "composition with the scale detached (torch cannot differentiate its scale), whose "
-                                "backward applies the clip mask. copy: x.clone() and its identity backward."])
+                                "composition with the scale detached (torch cannot differentiate its scale, so the "
+                                "composition as written in reference.py fails, see its column), whose backward "
+                                "applies the clip mask. copy: x.clone() and its identity backward."])
     for case, n in SIZES.items():
         xs = [(x.detach().requires_grad_(), torch.randn_like(x)) for x in inputs[case]]
         t = common.measure_group({
             "ours": fwd_bwd(lambda x: qkernels.fake_quant_abs_max(x, BITS)),
             "ours ste=clip": fwd_bwd(lambda x: qkernels.fake_quant_abs_max(x, BITS, ste="clip")),
             "eager": fwd_bwd(eager_fake_quant_detached_scale),
+            "eager as in reference.py": fwd_bwd(eager_fake_quant_abs_max),
             "compiled": compiler.peer(eager_fake_quant_detached_scale, wrap=fwd_bwd),
             "torch fused obs+fq": fwd_bwd(FusedObserver(1, device, True)),
             "copy": fwd_bwd(copy),

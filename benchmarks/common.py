@@ -498,9 +498,9 @@ def script_markdown(doc: Dict[str, Any], level: int = 1) -> str:
     """One script's results: a heading, when and under what load it ran, then its tables."""
     env = doc.get("environment") or {}
     title = "Run summary (run_all)" if doc["script"] == "_run_all" else doc["script"]
-    text = "%s %s\n\nMeasured %s UTC, load average %s before and %s after: `%s`\n\n" % (
-        "#" * level, title, env.get("timestamp_utc"), env.get("loadavg_1_5_15"), doc.get("loadavg_after"),
-        doc.get("command", ""))
+    text = "%s %s\n\nMeasured %s UTC (torch threads %s, env: %s), load average %s before and %s after: `%s`\n\n" % (
+        "#" * level, title, env.get("timestamp_utc"), env.get("torch_threads"), env.get("threading_alloc_env"),
+        env.get("loadavg_1_5_15"), doc.get("loadavg_after"), doc.get("command", ""))
     if doc.get("error"):
         text += "Error: %s\n\n" % doc["error"]
     if doc.get("extra_markdown"):

@@ -83,7 +83,8 @@ def main():
     parser.add_argument("--omp-wait-policy", choices=("passive", "active", "default"), default="passive",
                         help="OMP_WAIT_POLICY for the scripts (default passive: steadier on a shared CPU; "
                              "'default' leaves it unset)")
-    parser.add_argument("--script-args", default="", help="extra arguments passed to every script, e.g. '--no-compile'")
+    parser.add_argument("--script-args", default="",
+                        help="extra arguments for every script, written with =, e.g. --script-args='--threads 1'")
     args = parser.parse_args()
     device, env = common.setup(args)
     scripts = [s for s in discover() if args.only is None or s in args.only]
