@@ -175,7 +175,7 @@ def section_forward_backward(device, quick, compiler, inputs):
             "ours": fwd_bwd(lambda x: qkernels.fake_quant_abs_max(x, BITS)),
             "ours ste=clip": fwd_bwd(lambda x: qkernels.fake_quant_abs_max(x, BITS, ste="clip")),
             "eager": fwd_bwd(eager_fake_quant_detached_scale),
-            "eager as in reference.py": fwd_bwd(eager_fake_quant_abs_max),
+            "eager (reference.py as is)": fwd_bwd(eager_fake_quant_abs_max),
             "compiled": compiler.peer(eager_fake_quant_detached_scale, wrap=fwd_bwd),
             "torch fused obs+fq": fwd_bwd(FusedObserver(1, device, True)),
             "copy": fwd_bwd(copy),

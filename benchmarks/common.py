@@ -311,20 +311,24 @@ def section_markdown(sec: Dict[str, Any], level: int = 2) -> str:
         peers += [n for n in row["peers"] if n not in peers]
     ref = sec.get("bandwidth_ref")
     with_bw = any(row.get("bytes_moved") for row in sec["rows"])
-    head = ["case", sec.get("ours_label") or "ours"] + ["%s (%s/ours)" % (p, p) for p in peers]
+    head = ["case", sec.get("ours_label") or "ours"] + list(peers)
     if with_bw:
         head += ["ours GB/s"] + (["%s GB/s" % ref, "ours %% of %s BW" % ref] if ref else [])
     lines = ["#" * level + " " + sec["title"], ""]
     lines += [n for n in sec.get("notes", [])]
     if sec.get("notes"):
         lines.append("")
+    if peers:
+        lines += ["Cells: median time per call (peer time / our time; above 1 means ours is faster).", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     failures: List[str] = []
 
     def timing_cell(t: Dict[str, Any], rat: Optional[float] = None) -> str:
         if t.get("error"):
-            failures.append(t["error"])
-            return "%s [%d]" % ("skipped" if t["error"].startswith("skipped") else "failed", len(failures))
+            if t["error"] not in failures:
+                failures.append(t["error"])
+            kind = "skipped" if t["error"].startswith("skipped") else "failed"
+            return "%s [%d]" % (kind, failures.index(t["error"]) + 1)
         text = format_seconds(t["median_s"])
         return text + (" (%.2fx)" % rat if rat is not None else "")
 
