@@ -31,6 +31,7 @@ QK_HD float int8_epilogue_value(int32_t acc, float scale, float bias, int act) {
 #include <c10/util/string_view.h>
 
 #include <optional>
+#include <vector>
 
 namespace qkernels {
 
