@@ -118,6 +118,11 @@ class _Int8Layer(nn.Module):
         """(int8 codes, scale factor for the epilogue)."""
         if x.dtype == torch.int8:  # codes from a chained previous layer, already in this layer's scale
             return x, self._epilogue_scale
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # conv2d_int8 returns channels-last. Quantizing is elementwise, so quantize the contiguous NHWC
+            # view and hand back a channels-last view: no layout copies on either side.
+            codes, scale = self._input_codes(x.permute(0, 2, 3, 1))
+            return codes.permute(0, 3, 1, 2), scale
         if self.static:
             return qk.quantize_with_scale(x, self.input_scale, self.activation_bits), self._epilogue_scale
         codes, s = qk.quantize_abs_max(x, self.activation_bits)
