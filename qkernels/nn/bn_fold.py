@@ -4,8 +4,11 @@ The scheme is the one of Jacob et al. 2018 as PyTorch's fused QAT conv-bn implem
 gets fake-quantized is ``w * gamma / sqrt(running_var + eps)`` (what inference will use), and in training
 the conv output is divided back by that per-channel factor and batch-normalised with the *batch*
 statistics (which also updates the running statistics). So training sees batch-norm behaviour while the
-quantized weight is the folded one; in eval() the result is exactly the folded conv:
-``conv(x, q(w * f)) + beta + (b - mean) * f`` with ``f = gamma / sqrt(var + eps)``.
+quantized weight is the folded one. With the batch norm in eval() (inference, or statistics frozen during
+fine-tuning) the layer is exactly the folded conv ``conv(x, q(w * f)) + beta + (b - mean) * f`` with
+``f = gamma / sqrt(running_var + eps)``, what freeze_program and convert_to_int8 produce. In training the
+division by ``f`` is applied to the quantized weight (the same thing for a conv, and far cheaper than
+dividing the activation). As in PyTorch's version, a channel with ``gamma == 0`` is not supported.
 
 The BatchNorm2d stays at its place in the model as a ``FoldedBatchNorm2d`` (same parameters and buffers
 under the same names, so checkpoints and optimizers keep working) whose forward is the identity: the

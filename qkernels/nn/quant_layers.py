@@ -15,7 +15,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .bn_fold import batch_norm_after_fold, bn_factor
+from .bn_fold import batch_norm_after_fold, bn_factor, folded_bias
 from .quantizers import ActivationQuantizer, FakeQuantWeight
 
 
@@ -52,9 +52,13 @@ class QuantConv2d(nn.Conv2d):
         bn = self._folded_bn[0]
         factor = bn_factor(bn)
         w = self.weight_quantizer(self.weight * factor.reshape(-1, 1, 1, 1))
-        y = self._conv_forward(x, w, None) / factor.reshape(1, -1, 1, 1)
-        if self.bias is not None:
-            y = y + self.bias.reshape(1, -1, 1, 1)
+        if not bn.training:
+            # Running statistics: exactly the folded conv that freeze_program and convert_to_int8 produce.
+            return self._conv_forward(x, w, folded_bias(bn, self.bias, factor))
+        # Batch statistics: undo the factor per output channel and batch-normalise. Scaling an output
+        # channel of a conv equals scaling its weights, so the division is applied to the (small) weight
+        # rather than to the activation: conv(x, q(w*f)) / f == conv(x, q(w*f) / f).
+        y = self._conv_forward(x, w / factor.reshape(-1, 1, 1, 1), self.bias)
         return batch_norm_after_fold(y, bn)
 
     def extra_repr(self) -> str:
