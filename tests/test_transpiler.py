@@ -476,3 +476,46 @@ def test_int8_bad_use():
     wide = QuantizeTranspiler(weight_bits=12)
     with pytest.raises(ValueError, match="<= 8"):
         wide.convert_to_int8(wide.training_transpile(make_net()))
+
+
+# --- DistributedDataParallel ------------------------------------------------------------------------
+
+def _ddp_worker(rank, world, port, result_path):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # the same initial model on both ranks
+        net = QuantizeTranspiler(activation_quantize_type="range_abs_max", fold_bn=True,
+                                 window_size=4).training_transpile(make_net())
+        # broadcast_buffers=False: the quantizer state must agree because of the MAX reduction alone
+        ddp = nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
+        for step in range(3):
+            x = images(seed=100 * step + rank) * (1 + 2 * rank)  # rank 1 sees larger inputs
+            ddp(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        torch.save(net.state_dict(), "%s.%d" % (result_path, rank))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_ddp_keeps_quantizer_state_equal_across_ranks(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = str(tmp_path / "ddp")
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, path), nprocs=2, join=True)
+    states = [torch.load("%s.%d" % (path, r)) for r in range(2)]
+    quantizer_keys = [k for k in states[0] if "input_quantizer" in k]
+    assert len(quantizer_keys) == 4 * 3
+    for key in quantizer_keys:
+        assert torch.equal(states[0][key], states[1][key]), key
+    for key in states[0]:
+        if "weight" in key or "bias" in key:  # DDP averaged the gradients: same parameters
+            torch.testing.assert_close(states[0][key], states[1][key], msg=key)
