@@ -210,11 +210,13 @@ void depthwise_row_base(const DepthwiseArgs& a, int64_t b, int64_t oh) { depthwi
 // AVX512-VNNI: 64 channels in four int32 accumulators per output pixel. Each weight sits in the low
 // int16 of a dword whose high half is 0 (w32), and vpmovsxbd puts x in the low int16, so vpdpwssd
 // adds exactly x*w (the high halves multiply by 0): one fused multiply-add per 16 channels and tap.
-#define QK_TARGET_VNNI512_DW __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
+#define QK_TARGET_VNNI512_DW __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
+template <int KIND, int ACT>
 QK_TARGET_VNNI512_DW void depthwise_row_vnni512(const DepthwiseArgs& a, const int32_t* w32, int64_t Cp, int64_t b,
                                                 int64_t oh) {
   const Int8ConvShape& s = *a.s;
-  alignas(64) int32_t acc_out[64];
+  const float* scale = a.p->scale.data();
+  const float* bias = a.p->bias.data();
   for (int64_t ow = 0; ow < s.OW; ++ow) {
     const int64_t pixel = (b * s.OH + oh) * s.OW + ow;
     for (int64_t c0 = 0; c0 < s.C; c0 += 64) {
@@ -246,13 +248,30 @@ QK_TARGET_VNNI512_DW void depthwise_row_vnni512(const DepthwiseArgs& a, const in
                                        _mm512_load_si512(wp + 48));
         }
       }
-      _mm512_store_si512(acc_out, acc0);
-      _mm512_store_si512(acc_out + 16, acc1);
-      _mm512_store_si512(acc_out + 32, acc2);
-      _mm512_store_si512(acc_out + 48, acc3);
-      int8_epilogue_row(a.vec, acc_out, cn, a.p->scale.data() + c0, a.p->bias.data() + c0, 1, s.act, s.out_kind,
-                        static_cast<char*>(a.out) + (pixel * s.C + c0) * a.esize, 1);
+      // the epilogue straight from the registers
+      const int64_t o = pixel * s.C + c0;
+      epilogue16_avx512<KIND, ACT>(acc0, scale + c0, bias + c0, m[0], a.out, o);
+      if (cn > 16) epilogue16_avx512<KIND, ACT>(acc1, scale + c0 + 16, bias + c0 + 16, m[1], a.out, o + 16);
+      if (cn > 32) epilogue16_avx512<KIND, ACT>(acc2, scale + c0 + 32, bias + c0 + 32, m[2], a.out, o + 32);
+      if (cn > 48) epilogue16_avx512<KIND, ACT>(acc3, scale + c0 + 48, bias + c0 + 48, m[3], a.out, o + 48);
     }
+  }
+}
+
+template <int KIND>
+void depthwise_vnni512_kind(const DepthwiseArgs& a, const int32_t* w32, int64_t Cp, int64_t b, int64_t oh) {
+  switch (a.s->act) {
+    case kActRelu: return depthwise_row_vnni512<KIND, kActRelu>(a, w32, Cp, b, oh);
+    case kActRelu6: return depthwise_row_vnni512<KIND, kActRelu6>(a, w32, Cp, b, oh);
+    default: return depthwise_row_vnni512<KIND, kActNone>(a, w32, Cp, b, oh);
+  }
+}
+
+void depthwise_vnni512(const DepthwiseArgs& a, const int32_t* w32, int64_t Cp, int64_t b, int64_t oh) {
+  switch (a.s->out_kind) {
+    case kOutInt32: return depthwise_vnni512_kind<kOutInt32>(a, w32, Cp, b, oh);
+    case kOutInt8: return depthwise_vnni512_kind<kOutInt8>(a, w32, Cp, b, oh);
+    default: return depthwise_vnni512_kind<kOutFloat>(a, w32, Cp, b, oh);
   }
 }
 
@@ -279,7 +298,7 @@ void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8Co
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / s.OH, oh = r % s.OH;
       if (vnni) {
-        depthwise_row_vnni512(a, w32, Cp, b, oh);
+        depthwise_vnni512(a, w32, Cp, b, oh);
         continue;
       }
       switch (isa) {
@@ -292,6 +311,15 @@ void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8Co
 }
 
 // --- general conv: per group, GEMM over NHWC patches ------------------------------------------------
+
+// memcpy for the short runs of patch gathering (a library call costs more than a 9-byte copy)
+QK_INLINE void copy_bytes(int8_t* dst, const int8_t* src, int64_t n) {
+  if (n >= 64) {
+    std::memcpy(dst, src, n);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+}
 
 void grouped_gemm_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8ConvShape& s, const ChannelParams& p,
                        at::Tensor& out) {
@@ -309,17 +337,36 @@ void grouped_gemm_conv(const at::Tensor& xc, const at::Tensor& weight, const Int
         for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * ld, xp + (r0 + i) * s.C + g * Cg, Cg);
         return;
       }
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t r = r0 + i, ow = r % s.OW, t = r / s.OW, oh = t % s.OH, b = t / s.OH;
+      // groups == 1 with undilated columns: the kw taps of one kernel row are kw*C contiguous bytes
+      const bool row_runs = s.groups == 1 && s.dw == 1;
+      // output pixel (b, oh, ow) of row r0, then stepped along: no divisions per row
+      int64_t ow = r0 % s.OW, oh = (r0 / s.OW) % s.OH, b = r0 / (s.OW * s.OH);
+      for (int64_t i = 0; i < n; ++i, ++ow) {
+        if (ow == s.OW) {
+          ow = 0;
+          if (++oh == s.OH) oh = 0, ++b;
+        }
         int8_t* d = dst + i * ld;
+        const int64_t iw0 = ow * s.sw - s.pw;
         for (int64_t ki = 0; ki < s.kh; ++ki) {
           const int64_t ih = oh * s.sh - s.ph + ki * s.dh;
+          if (ih < 0 || ih >= s.H) {
+            std::memset(d, 0, s.kw * Cg);
+            d += s.kw * Cg;
+            continue;
+          }
+          const int8_t* xrow = xp + (b * s.H + ih) * s.W * s.C + g * Cg;
+          if (row_runs && iw0 >= 0 && iw0 + s.kw <= s.W) {
+            copy_bytes(d, xrow + iw0 * s.C, s.kw * Cg);
+            d += s.kw * Cg;
+            continue;
+          }
           for (int64_t kj = 0; kj < s.kw; ++kj, d += Cg) {
-            const int64_t iw = ow * s.sw - s.pw + kj * s.dw;
-            if (ih < 0 || ih >= s.H || iw < 0 || iw >= s.W)
+            const int64_t iw = iw0 + kj * s.dw;
+            if (iw < 0 || iw >= s.W)
               std::memset(d, 0, Cg);
             else
-              std::memcpy(d, xp + ((b * s.H + ih) * s.W + iw) * s.C + g * Cg, Cg);
+              copy_bytes(d, xrow + iw * s.C, Cg);
           }
         }
       }

@@ -25,7 +25,7 @@
 
 #include "cpu/simd.h"
 
-#define QK_TARGET_VNNI512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
+#define QK_TARGET_VNNI512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
 #define QK_TARGET_AVXVNNI __attribute__((target("avx2,fma,avxvnni")))
 #define QK_TARGET_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,amx-tile,amx-int8")))
 
@@ -115,36 +115,12 @@ QK_INLINE void epilogue_row_any(const int32_t* acc, int64_t n, const float* s, c
   }
 }
 
-// The contiguous case by hand: the compiler's masked-vector version of the scalar code is slow. Same
-// results as int8_epilogue_value + saturate_int8, lane by lane: vmaxps/vminps return their second
-// operand when one is NaN, which keeps NaN through relu/relu6 as the scalar code does.
 template <int KIND, int ACT>
 QK_TARGET_AVX512 QK_INLINE void epilogue_contiguous_avx512(const int32_t* acc, int64_t n, const float* s, const float* b,
                                                           void* out) {
-  const __m512 zero = _mm512_setzero_ps(), six = _mm512_set1_ps(6.f), half = _mm512_set1_ps(0.5f);
-  const __m512 one = _mm512_set1_ps(1.f), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
-    const __m512i a = _mm512_maskz_loadu_epi32(m, acc + j);
-    if (KIND == kOutInt32) {
-      _mm512_mask_storeu_epi32(static_cast<int32_t*>(out) + j, m, a);
-      continue;
-    }
-    __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_maskz_loadu_ps(m, s + j), _mm512_maskz_loadu_ps(m, b + j));
-    if (ACT == kActRelu) v = _mm512_max_ps(zero, v);
-    if (ACT == kActRelu6) v = _mm512_min_ps(six, _mm512_max_ps(zero, v));
-    if (KIND == kOutFloat) {
-      _mm512_mask_storeu_ps(static_cast<float*>(out) + j, m, v);
-      continue;
-    }
-    // round half away from zero: t = trunc(v), then +-1 where the dropped fraction is >= 0.5
-    const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-    const __m512 d = _mm512_sub_ps(v, t);
-    __m512 r = _mm512_mask_add_ps(t, _mm512_cmp_ps_mask(d, half, _CMP_GE_OQ), t, one);
-    r = _mm512_mask_sub_ps(r, _mm512_cmp_ps_mask(d, _mm512_sub_ps(zero, half), _CMP_LE_OQ), r, one);
-    r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r);  // NaN -> 0
-    r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
-    _mm_mask_storeu_epi8(static_cast<int8_t*>(out) + j, m, _mm512_cvtsepi32_epi8(_mm512_cvttps_epi32(r)));
+    epilogue16_avx512<KIND, ACT>(_mm512_maskz_loadu_epi32(m, acc + j), s + j, b + j, m, out, j);
   }
 }
 

@@ -63,6 +63,8 @@ std::vector<int64_t> linear_int8_out_sizes(const at::Tensor& x, int64_t O);
 #if !defined(__CUDACC__)
 #include <c10/util/FunctionRef.h>
 
+#include <immintrin.h>
+
 #include "cpu/simd.h"
 
 namespace qkernels {
@@ -99,6 +101,34 @@ struct Int8Epilogue {
 // `out` points at the first element, typed by `kind`. Vectorised for the processor at hand.
 void int8_epilogue_row(Isa vec, const int32_t* acc, int64_t n, const float* s, const float* b, int64_t pstep, int act, int kind,
                        void* out, int64_t ostride);
+
+// The epilogue of 16 accumulators (lanes in `m`) in registers, stored at out[j..j+16) (typed by KIND).
+// Same results as int8_epilogue_value + saturate_int8 lane by lane: vmaxps/vminps return their second
+// operand when one is NaN, which keeps NaN through relu/relu6 as the scalar code does.
+template <int KIND, int ACT>
+QK_TARGET_AVX512 QK_INLINE void epilogue16_avx512(__m512i a, const float* s, const float* b, __mmask16 m, void* out,
+                                                 int64_t j) {
+  if (KIND == kOutInt32) {
+    _mm512_mask_storeu_epi32(static_cast<int32_t*>(out) + j, m, a);
+    return;
+  }
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_maskz_loadu_ps(m, s), _mm512_maskz_loadu_ps(m, b));
+  if (ACT == kActRelu) v = _mm512_max_ps(zero, v);
+  if (ACT == kActRelu6) v = _mm512_min_ps(_mm512_set1_ps(6.f), _mm512_max_ps(zero, v));
+  if (KIND == kOutFloat) {
+    _mm512_mask_storeu_ps(static_cast<float*>(out) + j, m, v);
+    return;
+  }
+  // round half away from zero: t = trunc(v), d = v - t (exact), trunc(2d) is +-1 exactly when |d| >= 0.5
+  constexpr int kTrunc = _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC;
+  const __m512 t = _mm512_roundscale_ps(v, kTrunc);
+  const __m512 d = _mm512_sub_ps(v, t);
+  __m512 r = _mm512_add_ps(t, _mm512_roundscale_ps(_mm512_add_ps(d, d), kTrunc));
+  r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r);  // NaN -> 0
+  r = _mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f));
+  _mm_mask_storeu_epi8(static_cast<int8_t*>(out) + j, m, _mm512_cvtsepi32_epi8(_mm512_cvttps_epi32(r)));
+}
 
 // Writes rows [r0, r0 + n) of an int8 matrix with K columns to dst (row stride ld >= K).
 using Int8RowSource = c10::function_ref<void(int64_t r0, int64_t n, int8_t* dst, int64_t ld)>;
