@@ -5,8 +5,12 @@ Per image and per foreground class: keep scores > score_threshold, take the nms_
 then keep the keep_top_k best of all classes. Boxes are decoded but not clipped (as the reference; the
 metric clips). Equal scores keep prior order (stable sorts, as the reference's stable_sort).
 
-All (image, class) pairs of a chunk of images run through NMS together: one [B, K, K] suppression
-matrix (K <= nms_top_k) and one loop over the K candidate positions, shared by the B rows.
+NMS runs on (image, class) rows of K <= nms_top_k candidates, many rows at once. Each round takes the
+best undecided candidate of every row (it is kept: nothing undecided scores higher) and drops what it
+overlaps, so IoU is computed only against kept boxes (as torchvision's CPU kernel), and the number of
+rounds is the largest number of boxes kept in a row, not K. Rows are grouped so that each step stays
+below PyTorch's parallel grain: the many small steps then never pay for waking OpenMP threads, which
+costs most on a busy machine.
 """
 from __future__ import annotations
 
@@ -17,40 +21,43 @@ import torch
 from .box_utils import box_area, decode
 from .priors import VARIANCES
 
-# Images per NMS chunk: bounds the [chunk * classes, K, K] boolean suppression matrix (~26 MB at 8 x 20 x 400^2).
-IMAGES_PER_CHUNK = 8
+# Elements per NMS step (rows x candidates); at or below PyTorch's parallel grain (32768).
+LOOP_STEP_ELEMENTS = 32768
 
 
-def suppression_matrix(boxes: torch.Tensor, threshold: float) -> torch.Tensor:
-    """[B, K, 4] -> symmetric bool [B, K, K], entry [b, i, j] true when IoU(box i, box j) > threshold.
+def greedy_nms(boxes: torch.Tensor, valid: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Greedy NMS on rows of candidates sorted by descending score.
 
-    Division-free: IoU > t  <=>  inter > t * (area_i + area_j - inter)  <=>  (1 + t) * inter >
-    t * (area_i + area_j), for any non-negative union (an empty union gives IoU 0 and false here too).
-    In-place steps keep the number of [B, K, K] temporaries small: this is the costly part of NMS.
+    boxes [B, K, 4] corner boxes, valid [B, K] bool (candidates to consider) -> keep [B, K] bool:
+    candidate i is kept when valid and no kept candidate j < i has IoU(j, i) > threshold.
+    The overlap test is division-free: IoU > t <=> (1 + t) * inter > t * (area_i + area_j) for any
+    non-negative union; x is pre-scaled by (1 + t) so the widths already carry that factor.
     """
+    num_rows, count = boxes.shape[:2]
+    # One spare candidate per row (an empty box, never undecided): finished rows point there, so every
+    # update is a plain gather / scatter along dim 1 (much cheaper than (row, column) indexing).
+    boxes = torch.cat([boxes, boxes.new_zeros(num_rows, 1, 4)], dim=1)
+    undecided = torch.cat([valid, valid.new_zeros(num_rows, 1)], dim=1)
     x1, y1, x2, y2 = boxes.unbind(-1)
-    inter = torch.minimum(x2[:, :, None], x2[:, None, :])
-    inter -= torch.maximum(x1[:, :, None], x1[:, None, :])
-    inter.clamp_(min=0)
-    height = torch.minimum(y2[:, :, None], y2[:, None, :])
-    height -= torch.maximum(y1[:, :, None], y1[:, None, :])
-    inter *= height.clamp_(min=0)
-    area = box_area(boxes)
-    area_sum = torch.add(area[:, :, None], area[:, None, :], out=height)
-    return inter.mul_(1.0 + threshold) > area_sum.mul_(threshold)
-
-
-def greedy_nms_keep(suppresses: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Greedy NMS over rows of candidates sorted by descending score.
-
-    suppresses [B, K, K] symmetric bool (see suppression_matrix), valid [B, K] bool (candidates to
-    consider) -> keep [B, K]: candidate i is kept when valid and no kept candidate j < i suppresses it.
-    The loop runs over the K positions once, each step a vector operation across all B rows.
-    """
-    keep = valid.clone()
-    for i in range(1, suppresses.shape[1]):
-        keep[:, i] &= ~(keep[:, :i] & suppresses[:, i, :i]).any(dim=1)
-    return keep
+    x1, x2 = x1 * (1.0 + threshold), x2 * (1.0 + threshold)
+    scaled_area = box_area(boxes) * threshold
+    features = torch.stack([x1, y1, x2, y2, scaled_area], dim=-1)  # one gather per round
+    keep = torch.zeros_like(undecided)
+    spare = torch.full((num_rows, 1), count, dtype=torch.long, device=boxes.device)
+    for _ in range(count):
+        first = undecided.view(torch.uint8).argmax(dim=1, keepdim=True)  # best undecided position per row
+        active = undecided.gather(1, first)
+        if not bool(active.any()):
+            break
+        first = torch.where(active, first, spare)
+        keep.scatter_(1, first, True)
+        undecided.scatter_(1, first, False)  # also covers a zero-area box, which does not overlap itself
+        bx1, by1, bx2, by2, barea = features.gather(1, first[..., None].expand(-1, 1, 5)).unbind(-1)
+        width = torch.minimum(x2, bx2).sub_(torch.maximum(x1, bx1)).clamp_(min=0)
+        # Height is left unclamped: when negative the product is <= 0, which never suppresses, as 0 would.
+        height = torch.minimum(y2, by2).sub_(torch.maximum(y1, by1))
+        undecided &= width.mul_(height) <= scaled_area + barea
+    return keep[:, :count]
 
 
 def _top_candidates(scores: torch.Tensor, top_k: int, background_label: int):
@@ -90,23 +97,23 @@ def batched_multiclass_nms(
     top_scores, top_index, valid = top_scores[..., :k_used], top_index[..., :k_used], valid[..., :k_used]
     candidate_boxes = torch.gather(boxes[:, None].expand(batch, num_fg, num_priors, 4), 2,
                                    top_index[..., None].expand(batch, num_fg, k_used, 4))  # [N, C', k, 4]
-    keep = torch.zeros_like(valid)
-    for start in range(0, batch, IMAGES_PER_CHUNK):
-        images = range(start, min(start + IMAGES_PER_CHUNK, batch))
-        # One image at a time for the matrix (its temporaries stay small), all rows of the chunk at once
-        # for the sequential keep loop (its cost is per step, not per row).
-        suppresses = torch.cat([suppression_matrix(candidate_boxes[i], nms_threshold) for i in images])
-        chunk_valid = valid[images.start:images.stop].reshape(-1, k_used)
-        keep[images.start:images.stop] = greedy_nms_keep(suppresses, chunk_valid).reshape(-1, num_fg, k_used)
+    rows_boxes = candidate_boxes.reshape(-1, k_used, 4)
+    rows_valid = valid.reshape(-1, k_used)
+    rows_per_group = max(1, LOOP_STEP_ELEMENTS // k_used)
+    keep = torch.cat([greedy_nms(rows_boxes[start:start + rows_per_group], rows_valid[start:start + rows_per_group],
+                                 nms_threshold)
+                      for start in range(0, rows_valid.shape[0], rows_per_group)]).reshape(batch, num_fg, k_used)
 
-    labels = classes.to(boxes.dtype)[:, None].expand(num_fg, k_used)
+    # Gather the kept rows of all images at once; rows stay class-major within each image.
+    labels = classes.to(boxes.dtype)[None, :, None].expand(batch, num_fg, k_used)
+    flat_kept = keep.reshape(-1).nonzero().squeeze(1)
+    kept_rows = torch.cat([labels.reshape(-1, 1), top_scores.reshape(-1, 1), candidate_boxes.reshape(-1, 4)],
+                          dim=1).index_select(0, flat_kept)
+    per_image = torch.bincount(flat_kept // (num_fg * k_used), minlength=batch).tolist()
     detections = []
-    for image in range(batch):
-        kept = keep[image]
-        kept_scores = top_scores[image][kept]
-        rows = torch.cat([labels[kept][:, None], kept_scores[:, None], candidate_boxes[image][kept]], dim=1)
-        # Rows are class-major, so among equal scores the lower class stays first (stable sort).
-        best = kept_scores.sort(descending=True, stable=True).indices[:keep_top_k]
+    for rows in kept_rows.split(per_image):
+        # Among equal scores the lower class stays first (stable sort over class-major rows).
+        best = rows[:, 1].sort(descending=True, stable=True).indices[:keep_top_k]
         detections.append(rows[best])
     return detections
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ssd.box_utils import decode
-from ssd.postprocess import DetectionOutput, detection_output, greedy_nms_keep, multiclass_nms, suppression_matrix
+from ssd.postprocess import DetectionOutput, detection_output, greedy_nms, multiclass_nms
 from ssd.priors import VARIANCES, prior_boxes
 
 PRIORS = prior_boxes()
@@ -40,19 +40,6 @@ def reference_detection_output(boxes, scores, score_threshold=0.01, nms_threshol
     return torch.tensor(rows[:keep_top_k], dtype=torch.float32).reshape(-1, 6)
 
 
-def test_suppression_matrix_matches_iou():
-    generator = torch.Generator().manual_seed(0)
-    centre = torch.rand(3, 50, 2, generator=generator)
-    size = torch.rand(3, 50, 2, generator=generator) * 0.4
-    boxes = torch.cat([centre - size / 2, centre + size / 2], -1)
-    boxes[0, 0] = torch.tensor([0.3, 0.3, 0.3, 0.3])  # degenerate: never suppresses
-    matrix = suppression_matrix(boxes, 0.45)
-    for b in range(3):
-        for i in range(0, 50, 7):
-            for j in range(50):
-                assert bool(matrix[b, i, j]) == (iou_python(boxes[b, i].tolist(), boxes[b, j].tolist()) > 0.45)
-
-
 def test_nms_hand_case():
     boxes = torch.tensor([
         [0.0, 0.0, 0.4, 0.4],  # kept (best)
@@ -61,14 +48,13 @@ def test_nms_hand_case():
         [0.21, 0.0, 0.61, 0.4],  # suppressed by box 2 (which survived)
         [0.5, 0.5, 0.9, 0.9],  # far away -> kept
     ])
-    suppresses = suppression_matrix(boxes[None], 0.45)
-    keep = greedy_nms_keep(suppresses, torch.ones(1, 5, dtype=torch.bool))
+    keep = greedy_nms(boxes[None], torch.ones(1, 5, dtype=torch.bool), 0.45)
     assert keep[0].tolist() == [True, False, True, False, True]
     # Invalid (below threshold) candidates neither survive nor suppress: box 1 now leads, and box 2
     # (IoU 0.22 / 0.58 ~ 0.38 with box 1) stays.
-    keep = greedy_nms_keep(suppresses, torch.tensor([[False, True, True, True, True]]))
+    keep = greedy_nms(boxes[None], torch.tensor([[False, True, True, True, True]]), 0.45)
     assert keep[0].tolist() == [False, True, True, False, True]
-    keep = greedy_nms_keep(suppresses, torch.tensor([[True, True, False, True, True]]))
+    keep = greedy_nms(boxes[None], torch.tensor([[True, True, False, True, True]]), 0.45)
     assert keep[0].tolist() == [True, False, False, True, True]  # box 3 (IoU 0.3 with box 0) survives
 
 
@@ -77,9 +63,17 @@ def test_greedy_nms_matches_loop_on_dense_random_boxes():
     centre = torch.rand(6, 120, 2, generator=generator)
     size = torch.rand(6, 120, 2, generator=generator) * 0.5 + 0.05
     boxes = torch.cat([centre - size / 2, centre + size / 2], -1)
-    keep = greedy_nms_keep(suppression_matrix(boxes, 0.45), torch.ones(6, 120, dtype=torch.bool))
+    boxes[0, 5] = torch.tensor([0.3, 0.3, 0.3, 0.3])  # degenerate: kept, suppresses nothing
+    boxes[1, 7] = boxes[1, 3]  # exact duplicate of a better box: suppressed
+    valid = torch.rand(6, 120, generator=generator) > 0.1
+    keep = greedy_nms(boxes, valid, 0.45)
     for b in range(6):
-        assert keep[b].nonzero().flatten().tolist() == reference_nms(boxes[b].tolist(), None, 0.45)
+        positions = valid[b].nonzero().flatten().tolist()
+        expected = [positions[i] for i in reference_nms(boxes[b][positions].tolist(), None, 0.45)]
+        assert keep[b].nonzero().flatten().tolist() == expected
+    # Thresholds matter: 0 keeps only disjoint boxes, 1 keeps every valid box.
+    assert torch.equal(greedy_nms(boxes, valid, 1.0), valid)
+    assert greedy_nms(boxes, valid, 0.0).sum() < keep.sum()
 
 
 @pytest.mark.parametrize("spread", [0.5, 3.0])
