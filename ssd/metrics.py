@@ -116,7 +116,8 @@ class DetectionMAP:
 
         Or a batch: lists (or tuples) of such tensors, one entry per image, for every argument.
         """
-        if isinstance(gt_boxes, (list, tuple)) and len(gt_boxes) > 0 and all(isinstance(b, torch.Tensor) for b in gt_boxes):
+        # A list of arrays / tensors is a batch; a list of plain lists is one image's boxes.
+        if isinstance(gt_boxes, (list, tuple)) and len(gt_boxes) > 0 and all(hasattr(b, "shape") for b in gt_boxes):
             count = len(gt_boxes)
             difficult = [None] * count if difficult is None else difficult
             if not (len(detections) == len(gt_labels) == len(difficult) == count):
