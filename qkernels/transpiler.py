@@ -103,6 +103,18 @@ def _chain_int8_layers(model: nn.Module, int8_kinds) -> None:
 
 
 class QuantizeTranspiler:
+    """Settings shared by the three passes.
+
+    - ``weight_bits`` / ``activation_bits``: 2..16 (int8 conversion needs <= 8).
+    - ``activation_quantize_type``: ``abs_max`` (dynamic), ``range_abs_max`` or ``moving_average_abs_max``
+      (static: scale frozen in eval()); ``window_size`` / ``moving_rate`` configure the last two.
+    - ``weight_quantize_type``: ``abs_max`` (one scale) or ``channel_wise_abs_max`` (one per output channel).
+    - ``fold_bn``: train Conv2d + BatchNorm2d pairs with the batch norm folded into the quantized weight.
+    - ``ste``: ``identity`` (the reference: gradients pass unchanged) or ``clip`` (zero where clipped).
+    - ``weight_storage``: how convert_to_int8 layers save weights in ``state_dict``: ``int8`` or ``uint8``
+      (code + 128, as the reference suggested); in memory they are int8 either way.
+    """
+
     def __init__(self, weight_bits: int = 8, activation_bits: int = 8, activation_quantize_type: str = "abs_max",
                  weight_quantize_type: str = "abs_max", window_size: int = 10000, moving_rate: float = 0.9,
                  fold_bn: bool = False, ste: str = "identity", weight_storage: str = "int8"):
