@@ -44,19 +44,23 @@ def greedy_nms(boxes: torch.Tensor, valid: torch.Tensor, threshold: float) -> to
     features = torch.stack([x1, y1, x2, y2, scaled_area], dim=-1)  # one gather per round
     keep = torch.zeros_like(undecided)
     spare = torch.full((num_rows, 1), count, dtype=torch.long, device=boxes.device)
+    start = 0  # every position before `start` is decided in every row: the rounds skip those columns
     for _ in range(count):
-        first = undecided.view(torch.uint8).argmax(dim=1, keepdim=True)  # best undecided position per row
-        active = undecided.gather(1, first)
-        if not bool(active.any()):
+        window = undecided[:, start:]
+        first = window.view(torch.uint8).argmax(dim=1, keepdim=True) + start  # best undecided per row
+        first = torch.where(undecided.gather(1, first), first, spare)
+        start = int(first.min())
+        if start == count:  # every row finished
             break
-        first = torch.where(active, first, spare)
         keep.scatter_(1, first, True)
         undecided.scatter_(1, first, False)  # also covers a zero-area box, which does not overlap itself
         bx1, by1, bx2, by2, barea = features.gather(1, first[..., None].expand(-1, 1, 5)).unbind(-1)
-        width = torch.minimum(x2, bx2).sub_(torch.maximum(x1, bx1)).clamp_(min=0)
+        window = undecided[:, start:]
+        wx1, wy1, wx2, wy2, warea = (v[:, start:] for v in (x1, y1, x2, y2, scaled_area))
+        width = torch.minimum(wx2, bx2).sub_(torch.maximum(wx1, bx1)).clamp_(min=0)
         # Height is left unclamped: when negative the product is <= 0, which never suppresses, as 0 would.
-        height = torch.minimum(y2, by2).sub_(torch.maximum(y1, by1))
-        undecided &= width.mul_(height) <= scaled_area + barea
+        height = torch.minimum(wy2, by2).sub_(torch.maximum(wy1, by1))
+        window &= width.mul_(height) <= warea + barea
     return keep[:, :count]
 
 
