@@ -18,7 +18,7 @@ from .voc import BACKGROUND, LABEL_LIST_FILE
 YEAR = "synthetic"                 # image sets are "synthetic_trainval" and "synthetic_test"
 TRAIN_SET, TEST_SET = f"{YEAR}_trainval", f"{YEAR}_test"
 IMAGE_SIZE = 300
-DIFFICULT_SIZE = 30
+DIFFICULT_SIZE = 36
 
 # class name -> RGB colour; shapes and colours both differ between classes
 CLASSES = {
@@ -75,7 +75,7 @@ def make_image(rng, size: int = IMAGE_SIZE):
     objects = []
     for _ in range(int(rng.integers(1, 5))):
         for _attempt in range(30):
-            side = rng.uniform(0.09, 0.2) if rng.random() < 0.2 else rng.uniform(0.2, 0.55)
+            side = rng.uniform(0.1, 0.2) if rng.random() < 0.2 else rng.uniform(0.2, 0.55)
             w = side * size * rng.uniform(0.8, 1.25)
             h = side * size * rng.uniform(0.8, 1.25)
             w, h = min(w, size - 2), min(h, size - 2)

@@ -1,0 +1,163 @@
+"""The command line end to end on a tiny generated set: train (float, QAT), resume, test (frozen, int8),
+infer, a two-process gloo run, and clear errors."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssd import main_quant
+from ssd.data import synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+VOC_SAMPLE = REPO.parent / "shared" / "data" / "voc2012_sample" / "VOCdevkit" / "VOC2012"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return synthetic.generate(tmp_path_factory.mktemp("tiny"), seed=5, train=4, test=2)
+
+
+def _flags(data_dir, save_dir, *extra):
+    return ["--data_dir", str(data_dir), "--model_save_dir", str(save_dir), "--batch_size", "2",
+            "--num_workers", "0", "--quiet", "--eval_batch_size", "2", "--learning_rate", "0.001",
+            "--use_gpu", "false", *extra]
+
+
+@pytest.fixture(scope="module")
+def float_run(data_dir, tmp_path_factory):
+    save = tmp_path_factory.mktemp("float")
+    result = main_quant.run(_flags(data_dir, save, "--act_quant_type", "none", "--epoc_num", "1"))
+    return save, result
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_float_train_writes_checkpoints_and_map(float_run):
+    save, result = float_run
+    assert (save / "last.pt").is_file() and (save / "best.pt").is_file()
+    assert not [p for p in save.iterdir() if ".tmp" in p.name]
+    (record,) = result["history"]
+    assert record["epoch"] == 1 and 0.0 <= record["map"] <= 1.0 and record["loss"] > 0
+    ckpt = torch.load(save / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["stage"] == "float" and ckpt["epoch"] == 1 and "optimizer" in ckpt and "rng" in ckpt
+
+
+def test_float_test_mode(float_run, data_dir, tmp_path):
+    save, _ = float_run
+    out = main_quant.run(_flags(data_dir, tmp_path, "--mode", "test", "--init_model", str(save / "last.pt")))
+    assert set(out) == {"float"} and 0.0 <= out["float"]["map"] <= 1.0 and out["float"]["size_mb"] > 10
+
+
+def test_resume_gives_the_same_weights(float_run, data_dir, tmp_path):
+    """QAT (static scales, so quantizer state is checkpointed too): 2 epochs straight vs 1 + resumed 1."""
+    init = str(float_run[0] / "last.pt")
+    common = ["--init_model", init, "--act_quant_type", "range_abs_max", "--lr_epochs", "1",
+              "--lr_decay_rates", "1,0.5"]
+    main_quant.run(_flags(data_dir, tmp_path / "straight", *common, "--epoc_num", "2"))
+    main_quant.run(_flags(data_dir, tmp_path / "split", *common, "--epoc_num", "1"))
+    main_quant.run(_flags(data_dir, tmp_path / "split", *common, "--epoc_num", "2", "--resume"))
+    a, b = _weights(tmp_path / "straight" / "last.pt"), _weights(tmp_path / "split" / "last.pt")
+    assert a.keys() == b.keys() and any("scale" in k for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    one_epoch = main_quant.read_checkpoint(tmp_path / "straight" / "last.pt")
+    assert one_epoch["epoch"] == 2 and [h["epoch"] for h in one_epoch["history"]] == [1, 2]
+
+
+@pytest.mark.parametrize("act", ["abs_max", "range_abs_max"])
+def test_qat_train_test_int8_and_infer(float_run, data_dir, tmp_path, act):
+    init = str(float_run[0] / "last.pt")
+    trained = main_quant.run(_flags(data_dir, tmp_path / "qat", "--init_model", init, "--act_quant_type", act,
+                                    "--epoc_num", "1"))
+    assert trained["stage"] == "qat"
+    out = main_quant.run(_flags(data_dir, tmp_path / "export", "--mode", "test", "--int8",
+                                "--init_model", trained["last"]))
+    assert set(out) == {"frozen", "int8"}
+    for stage in ("frozen", "int8"):
+        assert 0.0 <= out[stage]["map"] <= 1.0 and out[stage]["ms_per_image"] > 0
+    # the int8 model stores int8 weights: about a quarter of the frozen (float) file
+    assert out["int8"]["size_mb"] < 0.4 * out["frozen"]["size_mb"]
+    image = next((Path(data_dir) / "VOCdevkit" / "VOCsynthetic" / "JPEGImages").glob("test_*.jpg"))
+    shown = main_quant.run(_flags(data_dir, tmp_path, "--mode", "infer", "--init_model", out["int8"]["path"],
+                                  "--image_path", str(image), "--output_dir", str(tmp_path / "drawn"),
+                                  "--confs_threshold", "0.0"))
+    (entry,) = shown.values()
+    assert Path(entry["output"]).is_file() and entry["detections"].shape[1] == 6
+
+
+@pytest.mark.skipif(not VOC_SAMPLE.is_dir(), reason="../shared/data/voc2012_sample absent")
+def test_infer_on_a_real_voc_image(float_run, data_dir, tmp_path, capsys):
+    from PIL import Image
+
+    image = VOC_SAMPLE / "JPEGImages" / "2007_000027.jpg"
+    out = main_quant.run(_flags(data_dir, tmp_path, "--mode", "infer", "--init_model",
+                                str(float_run[0] / "last.pt"), "--image_path", str(image),
+                                "--output_dir", str(tmp_path / "drawn"), "--confs_threshold", "0.0"))
+    (entry,) = out.values()
+    drawn = Image.open(entry["output"])
+    assert drawn.size == Image.open(image).size
+    assert "2007_000027" in capsys.readouterr().out
+    assert (entry["detections"][:, 2:] <= torch.tensor([486, 500, 486, 500])).all()
+
+
+def test_two_process_gloo_run(float_run, data_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "ssd.main_quant", *_flags(data_dir, tmp_path, "--init_model", str(float_run[0] / "last.pt"),
+                                           "--act_quant_type", "range_abs_max", "--epoc_num", "1")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ckpt = main_quant.read_checkpoint(tmp_path / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["stage"] == "qat"
+    assert "2 process(es)" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- errors
+def test_missing_data_dir_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main_quant.main(_flags(tmp_path / "nowhere", tmp_path))
+    assert exc.value.code == 2 and "nowhere" in capsys.readouterr().err
+
+
+def test_unknown_flag_value(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main_quant.run(_flags(tmp_path, tmp_path, "--act_quant_type", "fancy_max"))
+    assert "fancy_max" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main_quant.run(_flags(tmp_path, tmp_path, "--lr_epochs", "30,60", "--lr_decay_rates", "1,0.1"))
+    assert "--lr_decay_rates" in capsys.readouterr().err
+
+
+def test_checkpoint_from_another_architecture(data_dir, tmp_path):
+    other = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 63, 1))
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(main_quant.CheckpointError, match="not a MobileNetSSD"):
+        main_quant.run(_flags(data_dir, tmp_path, "--mode", "test", "--init_model", str(tmp_path / "other.pt")))
+    record = {"format": main_quant.CHECKPOINT_FORMAT, "arch": "ResNet50-SSD", "stage": "float", "model": {}}
+    torch.save(record, tmp_path / "resnet.pt")
+    with pytest.raises(main_quant.CheckpointError, match="ResNet50-SSD"):
+        main_quant.run(_flags(data_dir, tmp_path, "--mode", "test", "--init_model", str(tmp_path / "resnet.pt")))
+
+
+def test_checkpoint_with_other_classes_or_missing_keys(float_run, data_dir, tmp_path):
+    from ssd.model import MobileNetSSD
+
+    torch.save(MobileNetSSD(num_classes=21).state_dict(), tmp_path / "voc21.pt")
+    with pytest.raises(main_quant.CheckpointError, match="21 classes"):
+        main_quant.run(_flags(data_dir, tmp_path, "--init_model", str(tmp_path / "voc21.pt"), "--epoc_num", "1",
+                              "--act_quant_type", "none"))
+    state = _weights(float_run[0] / "last.pt")
+    del state["loc_heads.0.weight"]
+    torch.save(state, tmp_path / "partial.pt")
+    with pytest.raises(main_quant.CheckpointError, match="loc_heads.0.weight"):
+        main_quant.run(_flags(data_dir, tmp_path, "--mode", "test", "--init_model", str(tmp_path / "partial.pt")))
+
+
+def test_learning_rate_schedule_is_piecewise_in_epochs():
+    args = main_quant.parse_args(["--learning_rate", "0.01", "--lr_epochs", "2,4", "--lr_decay_rates", "1,0.1,0.01"])
+    assert [round(main_quant.learning_rate(args, e), 6) for e in range(6)] == [0.01, 0.01, 0.001, 0.001, 1e-4, 1e-4]
