@@ -41,6 +41,47 @@ inline int64_t wrap_axis(int64_t axis, const at::Tensor& x) {
   return axis < 0 ? axis + dim : axis;
 }
 
+// x (contiguous) viewed as [outer, channels, inner] around `axis`, for per-channel scales.
+struct ChannelLayout {
+  int64_t outer = 1, channels = 1, inner = 1;
+};
+
+inline ChannelLayout channel_layout(const at::Tensor& x, int64_t axis) {
+  ChannelLayout l;
+  l.channels = x.size(axis);
+  for (int64_t d = 0; d < axis; ++d) l.outer *= x.size(d);
+  for (int64_t d = axis + 1; d < x.dim(); ++d) l.inner *= x.size(d);
+  return l;
+}
+
+inline void check_clip_grad_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale) {
+  check_float_input(x, "x");
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "qkernels: grad dtype ", grad.scalar_type(),
+              " differs from the input dtype ", x.scalar_type());
+  TORCH_CHECK(grad.sizes() == x.sizes(), "qkernels: grad shape ", grad.sizes(), " differs from the input shape ",
+              x.sizes());
+  check_same_device(grad, x, "grad");
+  check_scalar_scale(scale, x, "scale");
+}
+
+inline void check_range_abs_max_state(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& window,
+                                      const at::Tensor& step, int64_t window_size) {
+  check_float_input(x, "x");
+  TORCH_CHECK(window_size >= 1, "qkernels: window_size must be >= 1, got ", window_size);
+  check_state(scale, at::kFloat, 1, x, "scale");
+  check_state(window, at::kFloat, window_size, x, "window");
+  check_state(step, at::kLong, 1, x, "step");
+}
+
+inline void check_moving_average_state(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& accum,
+                                       const at::Tensor& state, double moving_rate) {
+  check_float_input(x, "x");
+  TORCH_CHECK(moving_rate >= 0.0 && moving_rate <= 1.0, "qkernels: moving_rate must be in [0, 1], got ", moving_rate);
+  check_state(scale, at::kFloat, 1, x, "scale");
+  check_state(accum, at::kFloat, 1, x, "accum");
+  check_state(state, at::kFloat, 1, x, "state");
+}
+
 inline at::ScalarType code_dtype(int64_t bits) { return bits <= 8 ? at::kChar : at::kShort; }
 
 }  // namespace qkernels

@@ -163,10 +163,8 @@ std::tuple<at::Tensor, at::Tensor> channel_wise_quant(const at::Tensor& x, int64
   check_bits(bits);
   axis = wrap_axis(axis, x);
   at::Tensor xc = x.contiguous();
-  const int64_t channels = xc.size(axis);
-  int64_t outer = 1, inner = 1;
-  for (int64_t d = 0; d < axis; ++d) outer *= xc.size(d);
-  for (int64_t d = axis + 1; d < xc.dim(); ++d) inner *= xc.size(d);
+  const ChannelLayout layout = channel_layout(xc, axis);
+  const int64_t outer = layout.outer, channels = layout.channels, inner = layout.inner;
   at::Tensor scales = at::empty({channels}, xc.options().dtype(at::kFloat));
   at::Tensor out = codes ? at::empty(xc.sizes(), xc.options().dtype(code_dtype(bits))) : at::empty_like(xc);
   float* sp = scales.data_ptr<float>();
@@ -207,12 +205,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_channel_wise_abs_max_cpu(const at::T
 }
 
 at::Tensor fake_quant_clip_grad_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale) {
-  check_float_input(x, "x");
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "qkernels: grad dtype ", grad.scalar_type(),
-              " differs from the input dtype ", x.scalar_type());
-  TORCH_CHECK(grad.sizes() == x.sizes(), "qkernels: grad shape ", grad.sizes(), " differs from the input shape ",
-              x.sizes());
-  check_scalar_scale(scale, x, "scale");
+  check_clip_grad_args(grad, x, scale);
   at::Tensor gc = grad.contiguous(), xc = x.contiguous();
   at::Tensor out = at::empty_like(xc);
   const float s = scale_value(scale.contiguous());
@@ -227,10 +220,7 @@ at::Tensor fake_quant_clip_grad_cpu(const at::Tensor& grad, const at::Tensor& x,
 
 void range_abs_max_update_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& window,
                               const at::Tensor& step, int64_t window_size) {
-  TORCH_CHECK(window_size >= 1, "qkernels: window_size must be >= 1, got ", window_size);
-  check_state(scale, at::kFloat, 1, x, "scale");
-  check_state(window, at::kFloat, window_size, x, "window");
-  check_state(step, at::kLong, 1, x, "step");
+  check_range_abs_max_state(x, scale, window, step, window_size);
   const float cur = scale_value(abs_max_cpu(x));
   float* w = window.data_ptr<float>();
   float* s = scale.data_ptr<float>();
@@ -240,10 +230,7 @@ void range_abs_max_update_cpu(const at::Tensor& x, const at::Tensor& scale, cons
 
 void moving_average_abs_max_update_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& accum,
                                        const at::Tensor& state, double moving_rate) {
-  TORCH_CHECK(moving_rate >= 0.0 && moving_rate <= 1.0, "qkernels: moving_rate must be in [0, 1], got ", moving_rate);
-  check_state(scale, at::kFloat, 1, x, "scale");
-  check_state(accum, at::kFloat, 1, x, "accum");
-  check_state(state, at::kFloat, 1, x, "state");
+  check_moving_average_state(x, scale, accum, state, moving_rate);
   const float cur = scale_value(abs_max_cpu(x));
   moving_average_step(cur, (float)moving_rate, accum.data_ptr<float>(), state.data_ptr<float>(), scale.data_ptr<float>());
 }

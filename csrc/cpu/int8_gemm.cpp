@@ -10,9 +10,6 @@
 // (four consecutive k of one row form a 32-bit lane). P is packed per task in row panels [rows][Kp].
 #include "cpu/int8_gemm.h"
 
-// GCC 12 reports the _mm512_undefined_* placeholders inside its own conversion intrinsics as
-// "may be used uninitialized"; that is a known false positive, not a bug here.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>

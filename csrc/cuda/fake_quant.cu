@@ -210,10 +210,8 @@ std::tuple<at::Tensor, at::Tensor> channel_wise_quant(const at::Tensor& x, int64
   axis = wrap_axis(axis, x);
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor xc = x.contiguous();
-  const int64_t channels = xc.size(axis);
-  int64_t outer = 1, inner = 1;
-  for (int64_t d = 0; d < axis; ++d) outer *= xc.size(d);
-  for (int64_t d = axis + 1; d < xc.dim(); ++d) inner *= xc.size(d);
+  const ChannelLayout layout = channel_layout(xc, axis);
+  const int64_t outer = layout.outer, channels = layout.channels, inner = layout.inner;
   at::Tensor scales = at::empty({channels}, xc.options().dtype(at::kFloat));
   at::Tensor out = new_output(xc, bits, codes);
   if (channels == 0) return {out, scales};
@@ -240,13 +238,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_channel_wise_abs_max_cuda(const at::
 }
 
 at::Tensor fake_quant_clip_grad_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale) {
-  check_float_input(x, "x");
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "qkernels: grad dtype ", grad.scalar_type(),
-              " differs from the input dtype ", x.scalar_type());
-  TORCH_CHECK(grad.sizes() == x.sizes(), "qkernels: grad shape ", grad.sizes(), " differs from the input shape ",
-              x.sizes());
-  check_same_device(grad, x, "grad");
-  check_scalar_scale(scale, x, "scale");
+  check_clip_grad_args(grad, x, scale);
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor gc = grad.contiguous(), xc = x.contiguous(), sc = scale.contiguous();
   at::Tensor out = at::empty_like(xc);
@@ -262,11 +254,7 @@ at::Tensor fake_quant_clip_grad_cuda(const at::Tensor& grad, const at::Tensor& x
 
 void range_abs_max_update_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& window,
                                const at::Tensor& step, int64_t window_size) {
-  TORCH_CHECK(window_size >= 1, "qkernels: window_size must be >= 1, got ", window_size);
-  check_float_input(x, "x");
-  check_state(scale, at::kFloat, 1, x, "scale");
-  check_state(window, at::kFloat, window_size, x, "window");
-  check_state(step, at::kLong, 1, x, "step");
+  check_range_abs_max_state(x, scale, window, step, window_size);
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor cur = abs_max_cuda(x);
   range_abs_max_update_kernel<<<1, kThreads, 0, stream()>>>(reinterpret_cast<const unsigned*>(cur.data_ptr<float>()),
@@ -277,11 +265,7 @@ void range_abs_max_update_cuda(const at::Tensor& x, const at::Tensor& scale, con
 
 void moving_average_abs_max_update_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& accum,
                                         const at::Tensor& state, double moving_rate) {
-  TORCH_CHECK(moving_rate >= 0.0 && moving_rate <= 1.0, "qkernels: moving_rate must be in [0, 1], got ", moving_rate);
-  check_float_input(x, "x");
-  check_state(scale, at::kFloat, 1, x, "scale");
-  check_state(accum, at::kFloat, 1, x, "accum");
-  check_state(state, at::kFloat, 1, x, "state");
+  check_moving_average_state(x, scale, accum, state, moving_rate);
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor cur = abs_max_cuda(x);
   moving_average_update_kernel<<<1, 1, 0, stream()>>>(reinterpret_cast<const unsigned*>(cur.data_ptr<float>()),
