@@ -303,7 +303,7 @@ def atomic_save(obj, path: Path) -> None:
 
 def model_record(model, stage: str, quant: dict | None, labels: list[str]) -> dict:
     return {"format": CHECKPOINT_FORMAT, "arch": ARCH, "stage": stage, "quant": quant, "labels": list(labels),
-            "num_classes": len(labels), "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+            "num_classes": len(labels), "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}}
 
 
 def _unwrap(model):
@@ -354,6 +354,18 @@ class LightTrainTransform:
 
 
 # ----------------------------------------------------------------------------- evaluation
+def preferred_layout(model, device) -> torch.memory_format:
+    """channels_last for a float model on CPU: oneDNN runs its convolutions (the depthwise ones above all)
+    about 1.7x faster in training there. Quantized models keep their own layout handling."""
+    from qkernels.nn import QuantConv2d
+
+    quantized = any(isinstance(m, QuantConv2d) or type(m).__module__.startswith("qkernels")
+                    for m in model.modules())
+    if device.type == "cpu" and not quantized:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -373,8 +385,9 @@ def evaluate(model, loader, num_classes: int, device, ap_version: str = "11point
     metric = DetectionMAP(num_classes, overlap_threshold=0.5, evaluate_difficult=False, ap_version=ap_version)
     forward_s, images_seen = 0.0, 0
     batches = _progress(loader, progress, desc)
+    layout = preferred_layout(model, device)
     for images, boxes, labels, difficult in batches:
-        images = images.to(device)
+        images = images.to(device).contiguous(memory_format=layout)
         _sync(device)
         start = time.perf_counter()
         locs, confs = model(images)
@@ -444,6 +457,8 @@ def train(args, rt: Runtime) -> dict:
     model, quant = _initial_model(args, labels, rt)
     model.to(rt.device).train()
     stage = "float" if quant is None else "qat"
+    layout = preferred_layout(model, rt.device)
+    model.to(memory_format=layout)
     optimizer = make_optimizer(model, learning_rate(args, 0))
     save_dir = Path(args.model_save_dir)
     start_epoch, history, best = 0, [], {"map": -1.0, "epoch": -1}
@@ -461,9 +476,15 @@ def train(args, rt: Runtime) -> dict:
         set_rng_state(ckpt["rng"])
         rt.log(f"resuming {last} after epoch {start_epoch}")
 
-    per_process = max(1, args.batch_size // rt.world_size)
+    per_process = args.batch_size // rt.world_size
+    if per_process < 2 or len(train_ds) < 2 * rt.world_size:
+        # batch norm cannot train on one value per channel (the last feature map is 1x1)
+        raise UsageError(f"--batch_size {args.batch_size} over {rt.world_size} process(es) with {len(train_ds)} "
+                         "training images: every process needs batches of at least 2 images")
+    # drop a short last batch (it could hold a single image); keep it when it is the only one
+    drop_last = len(train_ds) >= args.batch_size
     train_loader = make_loader(train_ds, per_process, shuffle=True, num_workers=args.num_workers, seed=args.seed,
-                               rank=rt.rank, world_size=rt.world_size, drop_last=len(train_ds) >= args.batch_size)
+                               rank=rt.rank, world_size=rt.world_size, drop_last=drop_last)
     test_loader = make_loader(test_ds, args.eval_batch_size, shuffle=False, num_workers=args.num_workers)
     criterion = MultiBoxLoss(len(labels)).to(rt.device)
     net = model
@@ -483,7 +504,7 @@ def train(args, rt: Runtime) -> dict:
         losses, seen, start = [], 0, time.perf_counter()
         bar = _progress(train_loader, show, f"epoch {epoch + 1}/{args.epoc_num}", total=len(train_loader))
         for images, boxes, gt_labels, _difficult in bar:
-            images = images.to(rt.device, non_blocking=True)
+            images = images.to(rt.device, non_blocking=True).contiguous(memory_format=layout)
             boxes = [b.to(rt.device) for b in boxes]
             gt_labels = [l.to(rt.device) for l in gt_labels]
             locs, confs = net(images)
@@ -562,6 +583,7 @@ def test(args, rt: Runtime) -> dict:
     save_dir = Path(args.model_save_dir) if args.model_save_dir else None
     for stage, net in variants:
         net.to(rt.device)
+        net.to(memory_format=preferred_layout(net, rt.device))
         r = evaluate(net, loader, len(labels), rt.device, args.ap_version, not args.quiet, f"test {stage}")
         results[stage] = {"map": r["map"], "ms_per_image": r["ms_per_image"], "metric": r["metric"]}
         if save_dir is not None:
