@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "checks.h"
 #include "cpu/simd.h"
@@ -79,11 +80,93 @@ QK_INLINE int clip_grad_body(const T* g, const T* x, T* out, int64_t n, float s)
 }
 QK_DEFINE_ISA_DISPATCH(clip_grad_run, clip_grad_body)
 
+// Block-level entry points. float and bfloat16 run the vectorised bodies directly; half goes through
+// a float staging buffer (see half_to_float in simd.h).
+constexpr int64_t kStage = 2048;
+
+template <typename F>
+void for_each_stage(int64_t n, F&& f) {
+  for (int64_t b = 0; b < n; b += kStage) f(b, std::min(kStage, n - b));
+}
+
+template <typename T>
+uint32_t abs_max_block(const T* x, int64_t n) {
+  if constexpr (std::is_same_v<T, _Float16>) {
+    float buf[kStage];
+    uint32_t m = 0;
+    for_each_stage(n, [&](int64_t b, int64_t len) {
+      half_to_float(x + b, buf, len);
+      m = std::max(m, abs_max_bits<float>(buf, len));
+    });
+    return m;
+  } else {
+    return abs_max_bits<T>(x, n);
+  }
+}
+
+template <typename T>
+void fake_quant_block(const T* x, T* out, int64_t n, const QuantParams& p) {
+  if constexpr (std::is_same_v<T, _Float16>) {
+    float buf[kStage];
+    for_each_stage(n, [&](int64_t b, int64_t len) {
+      half_to_float(x + b, buf, len);
+      fake_quant_run<float>(buf, buf, len, p);
+      float_to_half(buf, out + b, len);
+    });
+  } else {
+    fake_quant_run<T>(x, out, n, p);
+  }
+}
+
+template <typename T, typename Code>
+void quantize_block(const T* x, Code* out, int64_t n, const QuantParams& p) {
+  auto run = [&](auto* src, Code* dst, int64_t len) {
+    using S = std::remove_const_t<std::remove_pointer_t<decltype(src)>>;
+    if constexpr (std::is_same_v<Code, int8_t>)
+      quantize8_run<S>(src, dst, len, p);
+    else
+      quantize16_run<S>(src, dst, len, p);
+  };
+  if constexpr (std::is_same_v<T, _Float16>) {
+    float buf[kStage];
+    for_each_stage(n, [&](int64_t b, int64_t len) {
+      half_to_float(x + b, buf, len);
+      run(static_cast<const float*>(buf), out + b, len);
+    });
+  } else {
+    run(x, out, n);
+  }
+}
+
+template <typename T>
+void clip_grad_block(const T* g, const T* x, T* out, int64_t n, float s) {
+  if constexpr (std::is_same_v<T, _Float16>) {
+    float gbuf[kStage], xbuf[kStage];
+    for_each_stage(n, [&](int64_t b, int64_t len) {
+      half_to_float(g + b, gbuf, len);
+      half_to_float(x + b, xbuf, len);
+      clip_grad_run<float>(static_cast<const float*>(gbuf), static_cast<const float*>(xbuf), gbuf, len, s);
+      float_to_half(gbuf, out + b, len);
+    });
+  } else {
+    clip_grad_run<T>(g, x, out, n, s);
+  }
+}
+
+// Codes are written as int8 (bits <= 8) or int16 into `out`, whichever dtype it has.
+template <typename T>
+void quantize_codes_block(const T* x, at::Tensor& out, int64_t offset, int64_t n, const QuantParams& p) {
+  if (out.scalar_type() == at::kChar)
+    quantize_block<T, int8_t>(x, out.data_ptr<int8_t>() + offset, n, p);
+  else
+    quantize_block<T, int16_t>(x, out.data_ptr<int16_t>() + offset, n, p);
+}
+
 template <typename T>
 float abs_max_of(const T* x, int64_t n) {
   uint32_t m = at::parallel_reduce(
       int64_t(0), n, kGrain, uint32_t(0),
-      [&](int64_t b, int64_t e, uint32_t acc) { return std::max(acc, abs_max_bits<T>(x + b, e - b)); },
+      [&](int64_t b, int64_t e, uint32_t acc) { return std::max(acc, abs_max_block<T>(x + b, e - b)); },
       [](uint32_t a, uint32_t b) { return std::max(a, b); });
   return bits_to_float(m);
 }
@@ -104,11 +187,9 @@ void quantize_pass(const at::Tensor& xc, at::Tensor& out, float s, int64_t bits,
     const T* x = static_cast<const T*>(xc.data_ptr());
     at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
       if (!codes)
-        fake_quant_run<T>(x + b, static_cast<T*>(out.data_ptr()) + b, e - b, p);
-      else if (out.scalar_type() == at::kChar)
-        quantize8_run<T>(x + b, out.data_ptr<int8_t>() + b, e - b, p);
+        fake_quant_block<T>(x + b, static_cast<T*>(out.data_ptr()) + b, e - b, p);
       else
-        quantize16_run<T>(x + b, out.data_ptr<int16_t>() + b, e - b, p);
+        quantize_codes_block<T>(x + b, out, b, e - b, p);
     });
   });
 }
@@ -174,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor> channel_wise_quant(const at::Tensor& x, int64
     at::parallel_for(0, channels, 1, [&](int64_t cb, int64_t ce) {
       for (int64_t c = cb; c < ce; ++c) {
         uint32_t m = 0;
-        for (int64_t o = 0; o < outer; ++o) m = std::max(m, abs_max_bits<T>(xp + (o * channels + c) * inner, inner));
+        for (int64_t o = 0; o < outer; ++o) m = std::max(m, abs_max_block<T>(xp + (o * channels + c) * inner, inner));
         sp[c] = bits_to_float(m);
       }
     });
@@ -184,11 +265,9 @@ std::tuple<at::Tensor, at::Tensor> channel_wise_quant(const at::Tensor& x, int64
         const QuantParams p = make_params(sp[r % channels], bin);
         const T* src = xp + r * inner;
         if (!codes)
-          fake_quant_run<T>(src, static_cast<T*>(out.data_ptr()) + r * inner, inner, p);
-        else if (out.scalar_type() == at::kChar)
-          quantize8_run<T>(src, out.data_ptr<int8_t>() + r * inner, inner, p);
+          fake_quant_block<T>(src, static_cast<T*>(out.data_ptr()) + r * inner, inner, p);
         else
-          quantize16_run<T>(src, out.data_ptr<int16_t>() + r * inner, inner, p);
+          quantize_codes_block<T>(src, out, r * inner, inner, p);
       }
     });
   });
@@ -213,7 +292,7 @@ at::Tensor fake_quant_clip_grad_cpu(const at::Tensor& grad, const at::Tensor& x,
     const T* g = static_cast<const T*>(gc.data_ptr());
     const T* xp = static_cast<const T*>(xc.data_ptr());
     T* o = static_cast<T*>(out.data_ptr());
-    at::parallel_for(0, xc.numel(), kGrain, [&](int64_t b, int64_t e) { clip_grad_run<T>(g + b, xp + b, o + b, e - b, s); });
+    at::parallel_for(0, xc.numel(), kGrain, [&](int64_t b, int64_t e) { clip_grad_block<T>(g + b, xp + b, o + b, e - b, s); });
   });
   return out;
 }

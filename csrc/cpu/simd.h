@@ -1,6 +1,8 @@
 // Runtime ISA dispatch for the auto-vectorised CPU loops: one body, compiled for AVX-512, AVX2 and a
 // portable baseline, picked once from what the processor reports.
 #pragma once
+#include <immintrin.h>
+
 #include <cstdint>
 #include <cstring>
 
@@ -52,6 +54,53 @@ QK_INLINE bf16_bits from_float<bf16_bits>(float f) {
   // round to nearest even; NaN stays a quiet NaN
   uint32_t r = ((u & 0x7fffffffu) > 0x7f800000u) ? 0x7fc00000u : u + 0x7fffu + ((u >> 16) & 1u);
   return bf16_bits{(uint16_t)(r >> 16)};
+}
+
+// GCC 12 does not vectorise _Float16 conversions without AVX512-FP16, so half tensors are converted
+// in blocks with F16C instructions and then go through the float kernels.
+QK_TARGET_AVX512 inline void half_to_float_avx512(const _Float16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  for (; i < n; ++i) dst[i] = (float)src[i];
+}
+QK_TARGET_AVX2 inline void half_to_float_avx2(const _Float16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = (float)src[i];
+}
+QK_TARGET_AVX512 inline void float_to_half_avx512(const float* src, _Float16* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) dst[i] = (_Float16)src[i];
+}
+QK_TARGET_AVX2 inline void float_to_half_avx2(const float* src, _Float16* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) dst[i] = (_Float16)src[i];
+}
+
+inline void half_to_float(const _Float16* src, float* dst, int64_t n) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return half_to_float_avx512(src, dst, n);
+    case Isa::kAvx2: return half_to_float_avx2(src, dst, n);
+    default:
+      for (int64_t i = 0; i < n; ++i) dst[i] = (float)src[i];
+  }
+}
+
+inline void float_to_half(const float* src, _Float16* dst, int64_t n) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return float_to_half_avx512(src, dst, n);
+    case Isa::kAvx2: return float_to_half_avx2(src, dst, n);
+    default:
+      for (int64_t i = 0; i < n; ++i) dst[i] = (_Float16)src[i];
+  }
 }
 
 }  // namespace qkernels
