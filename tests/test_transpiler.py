@@ -326,6 +326,31 @@ def test_autocast_training_step(dtype):
     assert torch.isfinite(out.float()).all() and net.fc.weight.grad is not None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["abs_max", "range_abs_max", "moving_average_abs_max"])
+@pytest.mark.parametrize("fold_bn", [False, True])
+def test_cuda_qat_step_never_synchronises_with_the_host(kind, fold_bn):
+    net = QuantizeTranspiler(activation_quantize_type=kind, fold_bn=fold_bn).training_transpile(make_net()).cuda()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    x = images().cuda()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        net(x).square().mean().backward()
+        opt.step()
+
+    step()  # first step outside the guard: lazy initialisation may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any hidden .item() or device-to-host copy raises
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
 # --- MobileNet-SSD ----------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not HAS_SSD, reason="ssd.model is not available yet")
