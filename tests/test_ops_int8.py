@@ -69,6 +69,9 @@ CONV_CASES = [
     ("no padding valid", 1, 4, 4, 4, 3, 3, 1, 0, 1, 1),
     ("rectangular kernel and stride", 1, 6, 9, 8, 9, (3, 1), (2, 1), (1, 0), 1, 1),
     ("K >= 64 on a tail of columns", 1, 80, 5, 7, 40, 1, 1, 0, 1, 1),
+    ("pw 64->80 whole row panels read in place", 2, 64, 11, 13, 80, 1, 1, 0, 1, 1),
+    ("dw 80 s1 wide rows", 2, 80, 5, 23, 80, 3, 1, 1, 1, 80),
+    ("dw 40 s2 wide rows", 1, 40, 6, 21, 40, 3, 2, 1, 1, 40),
     ("empty batch", 0, 8, 5, 5, 16, 3, 1, 1, 1, 1),
     ("empty batch depthwise", 0, 8, 5, 5, 8, 3, 1, 1, 1, 8),
 ]
@@ -125,7 +128,7 @@ def test_conv_memory_layouts(layout):
     assert torch.equal(out.double(), F.conv2d(x.double(), dw.double(), padding=1, groups=16))
 
 
-LINEAR_CASES = [(1, 64, 126), (7, 37, 12), (200, 256, 64), (33, 1024, 1024), (0, 16, 8), (5, 3, 1)]
+LINEAR_CASES = [(1, 64, 126), (7, 37, 12), (200, 256, 64), (33, 1024, 1024), (0, 16, 8), (5, 3, 1), (300, 128, 40)]
 
 
 @pytest.mark.parametrize("m,k,o", LINEAR_CASES)
@@ -194,6 +197,38 @@ def test_conv_epilogue(per_channel, with_bias, activation, kind):
     if activation != "relu6":
         assert float(pre.abs().max()) > 127.5, "the case must exercise saturation"
     _assert_int8_close(out8, pre)
+
+
+# (N, C, H, W, O, kernel, stride, groups): shapes that reach every kernel's blocks and tails
+ISA_EPILOGUE_CASES = {
+    "pointwise": (2, 64, 11, 13, 80, 1, 1, 1),
+    "pointwise small K": (2, 24, 9, 11, 40, 1, 1, 1),
+    "depthwise s1": (2, 72, 6, 19, 72, 3, 1, 72),
+    "depthwise s2": (1, 40, 7, 17, 40, 3, 2, 40),
+    "3x3": (2, 16, 7, 9, 24, 3, 1, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(ISA_EPILOGUE_CASES))
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+def test_epilogue_is_identical_on_every_isa(case, activation, monkeypatch):
+    """Every kernel applies the same fma and rounding per element, so float and int8 outputs agree bit
+    for bit between instruction sets (the exactness tests above only cover the int32 accumulator)."""
+    n, c, h, w_, o, k, s, g = ISA_EPILOGUE_CASES[case]
+    gen = torch.Generator().manual_seed(17)
+    x, w = rand_int8(n, c, h, w_, gen=gen), rand_int8(o, c // g, k, k, gen=gen)
+    scale = torch.rand(o, generator=gen) * 0.004 + 1e-4
+    bias = torch.randn(o, generator=gen) * 20
+    kw = dict(stride=s, padding=k // 2, groups=g, scale=scale, activation=activation)
+    results = {}
+    for isa in ISAS:
+        monkeypatch.setenv("QKERNELS_INT8_ISA", isa)
+        results[isa] = [qkernels.conv2d_int8(x, w, bias, out_dtype=dt, **kw) for dt in (torch.float32, torch.int8)]
+    base = results["portable"]
+    assert int(base[1].abs().max()) == (6 if activation == "relu6" else 127), "the case must exercise saturation"
+    for isa, outs in results.items():
+        for got, want in zip(outs, base):
+            assert torch.equal(got, want), isa
 
 
 def test_int8_rounds_half_away_from_zero_and_saturates():

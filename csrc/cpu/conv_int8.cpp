@@ -385,7 +385,9 @@ void grouped_gemm_conv(const at::Tensor& xc, const at::Tensor& weight, const Int
     // Pack the smaller operand in the transposed layout (see int8_gemm.h).
     if (M >= Og) {
       ep.row_stride = s.O, ep.col_stride = 1, ep.channel_on_rows = false;
-      int8_gemm(isa, M, Og, K, patch_rows, weight_rows, ep);
+      Int8RowsInMemory pixels;  // a 1x1 stride-1 conv's patches are the NHWC pixels themselves
+      if (pointwise) pixels = {xp + g * Cg, s.C};
+      int8_gemm(isa, M, Og, K, patch_rows, weight_rows, ep, pixels);
     } else {
       ep.row_stride = 1, ep.col_stride = s.O, ep.channel_on_rows = true;
       int8_gemm(isa, Og, M, K, weight_rows, patch_rows, ep);
@@ -434,7 +436,7 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   ep.act = s.act;
   if (s.M >= s.O) {
     ep.row_stride = s.O, ep.col_stride = 1, ep.channel_on_rows = false;
-    int8_gemm(int8_isa(), s.M, s.O, K, x_rows, w_rows, ep);
+    int8_gemm(int8_isa(), s.M, s.O, K, x_rows, w_rows, ep, Int8RowsInMemory{xp, K});
   } else {
     ep.row_stride = 1, ep.col_stride = s.O, ep.channel_on_rows = true;
     int8_gemm(int8_isa(), s.O, s.M, K, w_rows, x_rows, ep);

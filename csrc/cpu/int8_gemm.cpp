@@ -214,7 +214,8 @@ PackedQ pack_q(Int8RowSource Q, int64_t rows, int64_t K, int64_t Kp) {
 
 // Everything a panel kernel needs: the packed P rows [rows_pad][Kp] and the Q blocks [blk0, blk1).
 struct PanelJob {
-  const int8_t* A;  // P panel (uint8 view when the ISA wants x+128)
+  const int8_t* A;  // P panel (uint8 view when the ISA wants x+128), rows lda bytes apart
+  int64_t lda;
   int64_t rows, rows_pad, Kp;
   int64_t r_base;  // product row of the panel's first row
   const PackedQ* q;
@@ -268,12 +269,12 @@ QK_TARGET_VNNI512 void panel_vnni512(const PanelJob& job) {
     const int8_t* B = job.q->data + blk * bs;
     const int32_t* corr = job.q->corr + blk * kBlock;
     for (int64_t r = 0; r < job.rows; r += 6) {
-      const int8_t* A = job.A + r * job.Kp;
+      const int8_t* A = job.A + r * job.lda;
       switch (nv) {
-        case 4: ukr_vnni512<4>(A, job.Kp, B, bs, kp4, corr, C, 64); break;
-        case 3: ukr_vnni512<3>(A, job.Kp, B, bs, kp4, corr, C, 64); break;
-        case 2: ukr_vnni512<2>(A, job.Kp, B, bs, kp4, corr, C, 64); break;
-        default: ukr_vnni512<1>(A, job.Kp, B, bs, kp4, corr, C, 64); break;
+        case 4: ukr_vnni512<4>(A, job.lda, B, bs, kp4, corr, C, 64); break;
+        case 3: ukr_vnni512<3>(A, job.lda, B, bs, kp4, corr, C, 64); break;
+        case 2: ukr_vnni512<2>(A, job.lda, B, bs, kp4, corr, C, 64); break;
+        default: ukr_vnni512<1>(A, job.lda, B, bs, kp4, corr, C, 64); break;
       }
       job.finish(r, 6, blk, nv, C, 64);
     }
@@ -290,7 +291,7 @@ QK_TARGET_AVXVNNI void panel_avxvnni(const PanelJob& job) {
     const int8_t* B = job.q->data + blk * bs;
     const int32_t* corr = job.q->corr + blk * kBlock;
     for (int64_t r = 0; r < job.rows; r += MR) {
-      const int8_t* A = job.A + r * job.Kp;
+      const int8_t* A = job.A + r * job.lda;
       __m256i acc[MR][2];
 #pragma GCC unroll 8
       for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
@@ -300,7 +301,7 @@ QK_TARGET_AVXVNNI void panel_avxvnni(const PanelJob& job) {
 #pragma GCC unroll 8
         for (int m = 0; m < MR; ++m) {
           int32_t a4;
-          std::memcpy(&a4, A + m * job.Kp + k4 * 4, 4);
+          std::memcpy(&a4, A + m * job.lda + k4 * 4, 4);
           const __m256i a = _mm256_set1_epi32(a4);
           acc[m][0] = _mm256_dpbusd_avx_epi32(acc[m][0], a, b0);
           acc[m][1] = _mm256_dpbusd_avx_epi32(acc[m][1], a, b1);
@@ -328,7 +329,7 @@ QK_TARGET_AVX2 void panel_avx2(const PanelJob& job) {
   for (int64_t blk = job.blk0; blk < job.blk1; ++blk) {
     const int8_t* B = job.q->data + blk * bs;
     for (int64_t r = 0; r < job.rows; r += MR) {
-      const int8_t* A = job.A + r * job.Kp;
+      const int8_t* A = job.A + r * job.lda;
       __m256i acc[MR][4];
       for (int m = 0; m < MR; ++m)
         for (int v = 0; v < 4; ++v) acc[m][v] = _mm256_setzero_si256();
@@ -338,7 +339,7 @@ QK_TARGET_AVX2 void panel_avx2(const PanelJob& job) {
           b[v] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(B + k4 * 64 + v * 16)));
         for (int m = 0; m < MR; ++m) {
           int32_t a4;
-          std::memcpy(&a4, A + m * job.Kp + k4 * 4, 4);
+          std::memcpy(&a4, A + m * job.lda + k4 * 4, 4);
           const __m128i a16 = _mm_cvtepi8_epi16(_mm_cvtsi32_si128(a4));
           const __m256i a = _mm256_broadcastq_epi64(a16);
           for (int v = 0; v < 4; ++v) acc[m][v] = _mm256_add_epi32(acc[m][v], _mm256_madd_epi16(a, b[v]));
@@ -363,7 +364,7 @@ void panel_portable(const PanelJob& job) {
   for (int64_t blk = job.blk0; blk < job.blk1; ++blk) {
     const int8_t* B = job.q->data + blk * bs;
     for (int64_t r = 0; r < job.rows; ++r) {
-      const int8_t* A = job.A + r * job.Kp;
+      const int8_t* A = job.A + r * job.lda;
       for (int c = 0; c < 16; ++c) C[c] = 0;
       for (int64_t k4 = 0; k4 < kp4; ++k4)
         for (int c = 0; c < 16; ++c)
@@ -383,17 +384,26 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
-QK_TARGET_AMX void panel_amx(const PanelJob& job) {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
+// Eight 16x64-byte tiles. A constant object: GCC's ldtilecfg builtin does not tell the optimiser that
+// it reads its operand, so the stores filling a local configuration can be dropped as dead.
+constexpr TileConfig make_tile_config() {
+  TileConfig cfg{};
   cfg.palette_id = 1;
   for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
-  _tile_loadconfig(&cfg);
+  return cfg;
+}
+constexpr TileConfig kTileConfig = make_tile_config();
+
+// Loading a configuration is slow, so each thread does it once per product rather than per panel.
+QK_TARGET_AMX void amx_begin() { _tile_loadconfig(&kTileConfig); }
+QK_TARGET_AMX void amx_end() { _tile_release(); }
+
+QK_TARGET_AMX void panel_amx(const PanelJob& job) {
   alignas(64) int32_t C[32 * 32];
-  const int64_t bs = job.q->block_bytes(), kb_count = job.Kp / 64, lda = job.Kp;
+  const int64_t bs = job.q->block_bytes(), kb_count = job.Kp / 64, lda = job.lda;
   for (int64_t blk = job.blk0; blk < job.blk1; blk += 2) {
     const bool two = blk + 1 < job.blk1;
     const int8_t* B0 = job.q->data + blk * bs;
@@ -425,7 +435,50 @@ QK_TARGET_AMX void panel_amx(const PanelJob& job) {
       job.finish(r, 32, blk, two ? 2 : 1, C, 32);
     }
   }
-  _tile_release();
+}
+
+// --- epilogue of a product tile whose columns are channels -----------------------------------------
+
+// Rows are output pixels, columns (at most 64) contiguous channels: scale and bias are loaded into
+// registers once for the whole tile instead of once per row.
+template <int KIND, int ACT>
+QK_TARGET_AVX512 void tile_epilogue_avx512(const Int8Epilogue& ep, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                                           const int32_t* C, int64_t ldc) {
+  const int64_t esize = KIND == kOutInt8 ? 1 : 4;
+  const int nvec = (int)((nc + 15) / 16);
+  __m512 s[4], b[4];
+  __mmask16 m[4];
+  for (int v = 0; v < nvec; ++v) {
+    const int64_t left = nc - 16 * v;
+    m[v] = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+    s[v] = _mm512_maskz_loadu_ps(m[v], ep.scale + ep.channel_offset + c0 + 16 * v);
+    b[v] = _mm512_maskz_loadu_ps(m[v], ep.bias + ep.channel_offset + c0 + 16 * v);
+  }
+  for (int64_t i = 0; i < nr; ++i) {
+    char* o = static_cast<char*>(ep.out) + ((r0 + i) * ep.row_stride + c0 + ep.offset) * esize;
+    const int32_t* c = C + i * ldc;
+    for (int v = 0; v < nvec; ++v)
+      epilogue16_avx512_sb<KIND, ACT>(_mm512_maskz_loadu_epi32(m[v], c + 16 * v), s[v], b[v], m[v], o, 16 * v);
+  }
+}
+
+template <int KIND>
+void tile_epilogue_kind(const Int8Epilogue& ep, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const int32_t* C,
+                        int64_t ldc) {
+  switch (ep.act) {
+    case kActRelu: return tile_epilogue_avx512<KIND, kActRelu>(ep, r0, nr, c0, nc, C, ldc);
+    case kActRelu6: return tile_epilogue_avx512<KIND, kActRelu6>(ep, r0, nr, c0, nc, C, ldc);
+    default: return tile_epilogue_avx512<KIND, kActNone>(ep, r0, nr, c0, nc, C, ldc);
+  }
+}
+
+void tile_epilogue(const Int8Epilogue& ep, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const int32_t* C,
+                   int64_t ldc) {
+  switch (ep.out_kind) {
+    case kOutInt32: return tile_epilogue_kind<kOutInt32>(ep, r0, nr, c0, nc, C, ldc);
+    case kOutInt8: return tile_epilogue_kind<kOutInt8>(ep, r0, nr, c0, nc, C, ldc);
+    default: return tile_epilogue_kind<kOutFloat>(ep, r0, nr, c0, nc, C, ldc);
+  }
 }
 
 }  // namespace
@@ -460,6 +513,8 @@ void int8_epilogue_row(Isa vec, const int32_t* acc, int64_t n, const float* s, c
 }
 
 void Int8Epilogue::apply(int64_t r0, int64_t nr, int64_t c0, int64_t nc, const int32_t* C, int64_t ldc) const {
+  if (vec == Isa::kAvx512 && !channel_on_rows && col_stride == 1 && nc <= 64)
+    return tile_epilogue(*this, r0, nr, c0, nc, C, ldc);
   const int64_t esize = out_kind == kOutInt8 ? 1 : 4;
   if (channel_on_rows && row_stride == 1 && nr <= 64 && nc <= 64) {
     // Transposed product (rows are channels): transpose the tile so each output pixel gets one
@@ -493,7 +548,7 @@ void Int8Epilogue::apply(int64_t r0, int64_t nr, int64_t c0, int64_t nc, const i
 }
 
 void int8_gemm(Int8Isa isa, int64_t p_rows, int64_t q_rows, int64_t K, Int8RowSource P, Int8RowSource Q,
-               const Int8Epilogue& epilogue) {
+               const Int8Epilogue& epilogue, Int8RowsInMemory p_in_memory) {
   if (p_rows == 0 || q_rows == 0) return;
   Int8Epilogue ep = epilogue;
   ep.vec = int8_vector_isa(isa);
@@ -512,21 +567,30 @@ void int8_gemm(Int8Isa isa, int64_t p_rows, int64_t q_rows, int64_t K, Int8RowSo
     blocks_per_task = (blocks_per_task + 1) / 2;
   if (blocks_per_task % 2 && blocks_per_task < q.blocks) ++blocks_per_task;  // AMX and VNNI steps pair blocks
   const int64_t col_tasks = (q.blocks + blocks_per_task - 1) / blocks_per_task;
+  // AMX reads whole panels of rows in place when they need no padding (K a multiple of 64, a full
+  // panel): the copy would cost as much as the product for a 1x1 conv over few channels.
+  const bool in_place = isa == Int8Isa::kAmx && p_in_memory.data != nullptr && K == Kp;
 
   at::parallel_for(0, panels * col_tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<int8_t> panel_mem(kPanelRows * Kp + 64);
     int8_t* panel = panel_mem.data();
     int64_t packed_panel = -1;
+    if (isa == Int8Isa::kAmx) amx_begin();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t pi = t / col_tasks, ci = t % col_tasks;
       const int64_t r0 = pi * kPanelRows, rows = std::min(kPanelRows, p_rows - r0);
-      if (pi != packed_panel) {
+      const int8_t* A = panel;
+      int64_t lda = Kp;
+      if (in_place && rows == kPanelRows) {
+        A = p_in_memory.data + r0 * p_in_memory.ld;
+        lda = p_in_memory.ld;
+      } else if (pi != packed_panel) {
         std::memset(panel, 0, kPanelRows * Kp);
         P(r0, rows, panel, Kp);
         if (biased) flip_sign_bits(panel, rows * Kp);
         packed_panel = pi;
       }
-      PanelJob job{panel, rows, kPanelRows, Kp, r0, &q, ci * blocks_per_task,
+      PanelJob job{A, lda, rows, kPanelRows, Kp, r0, &q, ci * blocks_per_task,
                    std::min(q.blocks, (ci + 1) * blocks_per_task), &ep};
       switch (isa) {
         case Int8Isa::kAmx: panel_amx(job); break;
@@ -536,6 +600,7 @@ void int8_gemm(Int8Isa isa, int64_t p_rows, int64_t q_rows, int64_t K, Int8RowSo
         default: panel_portable(job); break;
       }
     }
+    if (isa == Int8Isa::kAmx) amx_end();
   });
 }
 

@@ -109,15 +109,16 @@ void int8_epilogue_row(Isa vec, const int32_t* acc, int64_t n, const float* s, c
 // The epilogue of 16 accumulators (lanes in `m`) in registers, stored at out[j..j+16) (typed by KIND).
 // Same results as int8_epilogue_value + saturate_int8 lane by lane: vmaxps/vminps return their second
 // operand when one is NaN, which keeps NaN through relu/relu6 as the scalar code does.
+// This form takes scale and bias already in registers (a tile loop loads them once per column block).
 template <int KIND, int ACT>
-QK_TARGET_AVX512 QK_INLINE void epilogue16_avx512(__m512i a, const float* s, const float* b, __mmask16 m, void* out,
-                                                 int64_t j) {
+QK_TARGET_AVX512 QK_INLINE void epilogue16_avx512_sb(__m512i a, __m512 s, __m512 b, __mmask16 m, void* out,
+                                                    int64_t j) {
   if (KIND == kOutInt32) {
     _mm512_mask_storeu_epi32(static_cast<int32_t*>(out) + j, m, a);
     return;
   }
   const __m512 zero = _mm512_setzero_ps();
-  __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_maskz_loadu_ps(m, s), _mm512_maskz_loadu_ps(m, b));
+  __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), s, b);
   if (ACT == kActRelu) v = _mm512_max_ps(zero, v);
   if (ACT == kActRelu6) v = _mm512_min_ps(_mm512_set1_ps(6.f), _mm512_max_ps(zero, v));
   if (KIND == kOutFloat) {
@@ -134,14 +135,31 @@ QK_TARGET_AVX512 QK_INLINE void epilogue16_avx512(__m512i a, const float* s, con
   _mm_mask_storeu_epi8(static_cast<int8_t*>(out) + j, m, _mm512_cvtsepi32_epi8(_mm512_cvttps_epi32(r)));
 }
 
+template <int KIND, int ACT>
+QK_TARGET_AVX512 QK_INLINE void epilogue16_avx512(__m512i a, const float* s, const float* b, __mmask16 m, void* out,
+                                                 int64_t j) {
+  if (KIND == kOutInt32)
+    epilogue16_avx512_sb<KIND, ACT>(a, _mm512_setzero_ps(), _mm512_setzero_ps(), m, out, j);
+  else
+    epilogue16_avx512_sb<KIND, ACT>(a, _mm512_maskz_loadu_ps(m, s), _mm512_maskz_loadu_ps(m, b), m, out, j);
+}
+
 // Writes rows [r0, r0 + n) of an int8 matrix with K columns to dst (row stride ld >= K).
 using Int8RowSource = c10::function_ref<void(int64_t r0, int64_t n, int8_t* dst, int64_t ld)>;
 
+// P rows that already lie in memory as K contiguous bytes each, `ld` bytes apart (a 1x1 conv's NHWC
+// pixels, a linear layer's input): the AMX kernel then reads them in place instead of copying them.
+struct Int8RowsInMemory {
+  const int8_t* data = nullptr;  // null: not available, use the row source
+  int64_t ld = 0;
+};
+
 // C = P * Q^T with P [p_rows, K] and Q [q_rows, K] given by row sources; every C element goes through
 // the epilogue. Q is packed once (the caller should make it the smaller operand); P is packed in
-// row panels per task. Work is split over threads with at::parallel_for.
+// row panels per task (or read in place, see Int8RowsInMemory). Work is split over threads with
+// at::parallel_for.
 void int8_gemm(Int8Isa isa, int64_t p_rows, int64_t q_rows, int64_t K, Int8RowSource P, Int8RowSource Q,
-               const Int8Epilogue& ep);
+               const Int8Epilogue& ep, Int8RowsInMemory p_in_memory = {});
 
 }  // namespace qkernels
 #endif
