@@ -382,8 +382,7 @@ void grouped_gemm_conv(const at::Tensor& xc, const at::Tensor& weight, const Int
     ep.scale = p.scale.data();
     ep.bias = p.bias.data();
     ep.act = s.act;
-    // Pack the smaller operand in the transposed layout (see int8_gemm.h).
-    if (M >= Og) {
+    if (int8_pixels_on_rows(M, Og)) {
       ep.row_stride = s.O, ep.col_stride = 1, ep.channel_on_rows = false;
       Int8RowsInMemory pixels;  // a 1x1 stride-1 conv's patches are the NHWC pixels themselves
       if (pointwise) pixels = {xp + g * Cg, s.C};
@@ -434,7 +433,7 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   ep.scale = p.scale.data();
   ep.bias = p.bias.data();
   ep.act = s.act;
-  if (s.M >= s.O) {
+  if (int8_pixels_on_rows(s.M, s.O)) {
     ep.row_stride = s.O, ep.col_stride = 1, ep.channel_on_rows = false;
     int8_gemm(int8_isa(), s.M, s.O, K, x_rows, w_rows, ep, Int8RowsInMemory{xp, K});
   } else {

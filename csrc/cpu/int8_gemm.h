@@ -161,5 +161,11 @@ struct Int8RowsInMemory {
 void int8_gemm(Int8Isa isa, int64_t p_rows, int64_t q_rows, int64_t K, Int8RowSource P, Int8RowSource Q,
                const Int8Epilogue& ep, Int8RowsInMemory p_in_memory = {});
 
+// Whether a product of M pixels by O channels should put pixels on P's rows (channels on the columns):
+// that orientation has the vectorised tile epilogue and reads 1x1-conv rows in place, and packing
+// costs the same either way (each operand is read once), so it wins unless M is too small to fill
+// the kernels' row steps (32 for AMX) while O would.
+inline bool int8_pixels_on_rows(int64_t M, int64_t O) { return M >= 32 || M >= O; }
+
 }  // namespace qkernels
 #endif
