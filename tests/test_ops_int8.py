@@ -72,6 +72,9 @@ CONV_CASES = [
     ("pw 64->80 whole row panels read in place", 2, 64, 11, 13, 80, 1, 1, 0, 1, 1),
     ("dw 80 s1 wide rows", 2, 80, 5, 23, 80, 3, 1, 1, 1, 80),
     ("dw 40 s2 wide rows", 1, 40, 6, 21, 40, 3, 2, 1, 1, 40),
+    ("dw 4x2 kernel stride (3, 1)", 1, 70, 9, 11, 70, (4, 2), (3, 1), (1, 0), 1, 70),
+    ("dw 5x5 more kernel rows than a dword", 1, 24, 8, 9, 24, 5, 1, 2, 1, 24),
+    ("dw 3x5 dilation (1, 2) wide map", 2, 16, 5, 70, 16, (3, 5), 1, (1, 4), (1, 2), 16),
     ("empty batch", 0, 8, 5, 5, 16, 3, 1, 1, 1, 1),
     ("empty batch depthwise", 0, 8, 5, 5, 8, 3, 1, 1, 1, 8),
 ]

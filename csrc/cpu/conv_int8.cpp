@@ -207,100 +207,182 @@ QK_TARGET_AVX512 void depthwise_row_avx512(const DepthwiseArgs& a, int64_t b, in
 QK_TARGET_AVX2 void depthwise_row_avx2(const DepthwiseArgs& a, int64_t b, int64_t oh) { depthwise_row_body(a, b, oh); }
 void depthwise_row_base(const DepthwiseArgs& a, int64_t b, int64_t oh) { depthwise_row_body(a, b, oh); }
 
-// AVX512-VNNI: 64 channels in four int32 accumulators per output pixel. Each weight sits in the low
-// int16 of a dword whose high half is 0 (w32), and vpmovsxbd puts x in the low int16, so vpdpwssd
-// adds exactly x*w (the high halves multiply by 0): one fused multiply-add per 16 channels and tap.
+// AVX512-VNNI: one vpdpbusd applies a whole kernel column (up to 4 kernel rows) to 16 channels.
+// For each input column, the bytes of the kernel rows' input pixels are interleaved per channel into
+// dwords [x(row 0), x(row 1), x(row 2), x(row 3)] (punpck*bw then punpck*wd), once per column: every
+// output pixel that reads the column (kw / stride of them) reuses it from a small buffer.
+// The unpacks work within 128-bit lanes, so interleaved vector q holds channel 16L + 4q + t in lane L,
+// dword t; the weights are stored in that order and the accumulators are put back in channel order
+// before the epilogue. vpdpbusd multiplies uint8 by int8, so x enters as x + 128 (xor 0x80): that adds
+// 128 * (sum of all kh*kw weights) per channel, padding taps included (their x = 0 enters as 128),
+// which the accumulators start from negated. Exact: the int32 sums wrap like the reference's.
 #define QK_TARGET_VNNI512_DW __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
-template <int KIND, int ACT>
-QK_TARGET_VNNI512_DW void depthwise_row_vnni512(const DepthwiseArgs& a, const int32_t* w32, int64_t Cp, int64_t b,
+
+constexpr int64_t kDwMaxRows = 4;     // kernel rows per dword
+constexpr int64_t kDwSegment = 32;    // output pixels per interleaved-column buffer (stays in L1)
+constexpr int64_t kDwColumnBytes = 256;  // one interleaved column of a 64-channel block: 4 vectors
+
+// Weights of one 64-channel block: [kw][4 vectors][64 bytes] in interleaved order, then the starting
+// accumulator (-128 * sum of the block's weights per channel) as 4 vectors in the same order.
+struct DwVnniWeights {
+  std::vector<int8_t> w;
+  std::vector<int32_t> start;
+  int64_t blocks, kw;
+  DwVnniWeights(const int8_t* wp, const Int8ConvShape& s) : blocks((s.C + 63) / 64), kw(s.kw) {
+    w.assign(blocks * kw * kDwColumnBytes, 0);
+    start.assign(blocks * 64, 0);
+    for (int64_t blk = 0; blk < blocks; ++blk)
+      for (int64_t p = 0; p < 64; ++p) {  // p = 16q + 4L + t: vector q, lane L, dword t
+        const int64_t q = p / 16, L = (p % 16) / 4, t = p % 4, c = blk * 64 + 16 * L + 4 * q + t;
+        if (c >= s.C) continue;
+        int32_t sum = 0;
+        for (int64_t j = 0; j < kw; ++j)
+          for (int64_t i = 0; i < s.kh; ++i) {
+            const int8_t v = wp[(c * s.kh + i) * kw + j];
+            w[((blk * kw + j) * 4 + q) * 64 + (4 * L + t) * 4 + i] = v;
+            sum += v;
+          }
+        start[blk * 64 + p] = -128 * sum;
+      }
+  }
+};
+
+// Interleaves input columns iw_first .. iw_first + ncols - 1 of the rows `rows` (null: padding) for
+// the channels in `cm` into buf, kDwColumnBytes per column.
+QK_TARGET_VNNI512_DW void dw_interleave_columns(const int8_t* const rows[kDwMaxRows], int64_t W, int64_t C,
+                                                __mmask64 cm, int64_t iw_first, int64_t ncols, int8_t* buf) {
+  const __m512i flip = _mm512_set1_epi8((char)0x80);  // x = 0 (padding) as uint8
+  for (int64_t k = 0; k < ncols; ++k) {
+    const int64_t iw = iw_first + k;
+    __m512i r[kDwMaxRows];
+    for (int i = 0; i < kDwMaxRows; ++i)
+      r[i] = rows[i] != nullptr && iw >= 0 && iw < W
+                 ? _mm512_xor_si512(_mm512_maskz_loadu_epi8(cm, rows[i] + iw * C), flip)
+                 : flip;
+    const __m512i lo01 = _mm512_unpacklo_epi8(r[0], r[1]), hi01 = _mm512_unpackhi_epi8(r[0], r[1]);
+    const __m512i lo23 = _mm512_unpacklo_epi8(r[2], r[3]), hi23 = _mm512_unpackhi_epi8(r[2], r[3]);
+    int8_t* d = buf + k * kDwColumnBytes;
+    _mm512_store_si512(d, _mm512_unpacklo_epi16(lo01, lo23));
+    _mm512_store_si512(d + 64, _mm512_unpackhi_epi16(lo01, lo23));
+    _mm512_store_si512(d + 128, _mm512_unpacklo_epi16(hi01, hi23));
+    _mm512_store_si512(d + 192, _mm512_unpackhi_epi16(hi01, hi23));
+  }
+}
+
+// Accumulators in interleaved order (acc[q] lane L = channels 16L + 4q ..) -> channel order
+// (out[L] = channels 16L .. 16L + 15): a 4x4 transpose of 128-bit lanes.
+QK_TARGET_VNNI512_DW QK_INLINE void dw_channel_order(const __m512i acc[4], __m512i out[4]) {
+  const __m512i t0 = _mm512_shuffle_i32x4(acc[0], acc[1], _MM_SHUFFLE(1, 0, 1, 0));
+  const __m512i t1 = _mm512_shuffle_i32x4(acc[2], acc[3], _MM_SHUFFLE(1, 0, 1, 0));
+  const __m512i t2 = _mm512_shuffle_i32x4(acc[0], acc[1], _MM_SHUFFLE(3, 2, 3, 2));
+  const __m512i t3 = _mm512_shuffle_i32x4(acc[2], acc[3], _MM_SHUFFLE(3, 2, 3, 2));
+  out[0] = _mm512_shuffle_i32x4(t0, t1, _MM_SHUFFLE(2, 0, 2, 0));
+  out[1] = _mm512_shuffle_i32x4(t0, t1, _MM_SHUFFLE(3, 1, 3, 1));
+  out[2] = _mm512_shuffle_i32x4(t2, t3, _MM_SHUFFLE(2, 0, 2, 0));
+  out[3] = _mm512_shuffle_i32x4(t2, t3, _MM_SHUFFLE(3, 1, 3, 1));
+}
+
+// One output row (b, oh), all channels. KW > 0: the kernel width as a constant (weights stay in
+// registers); 0: s.kw at run time. buf holds kDwColumnBytes * dw_buffer_columns(s) bytes.
+template <int KIND, int ACT, int KW>
+QK_TARGET_VNNI512_DW void depthwise_row_vnni512(const DepthwiseArgs& a, const DwVnniWeights& wv, int8_t* buf, int64_t b,
                                                 int64_t oh) {
   const Int8ConvShape& s = *a.s;
-  const float* scale = a.p->scale.data();
-  const float* bias = a.p->bias.data();
-  for (int64_t ow = 0; ow < s.OW; ++ow) {
-    const int64_t pixel = (b * s.OH + oh) * s.OW + ow;
-    for (int64_t c0 = 0; c0 < s.C; c0 += 64) {
-      const int64_t cn = std::min<int64_t>(64, s.C - c0);
-      __mmask16 m[4];
-      for (int v = 0; v < 4; ++v) {
-        const int64_t left = cn - 16 * v;
-        m[v] = left >= 16 ? (__mmask16)0xffff : (left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1));
+  const int64_t kw = KW > 0 ? KW : s.kw;
+  const int64_t col_step = s.sw * kDwColumnBytes, tap_step = s.dw * kDwColumnBytes;
+  for (int64_t blk = 0; blk < wv.blocks; ++blk) {
+    const int64_t c0 = blk * 64, cn = std::min<int64_t>(64, s.C - c0);
+    const __mmask64 cm = cn == 64 ? ~(__mmask64)0 : (((__mmask64)1 << cn) - 1);
+    const int8_t* rows[kDwMaxRows];
+    for (int64_t i = 0; i < kDwMaxRows; ++i) {
+      const int64_t ih = oh * s.sh - s.ph + i * s.dh;
+      rows[i] = i < s.kh && ih >= 0 && ih < s.H ? a.x + (b * s.H + ih) * s.W * s.C + c0 : nullptr;
+    }
+    const int8_t* wblk = wv.w.data() + blk * kw * kDwColumnBytes;
+    __m512i wreg[KW > 0 ? KW : 1][4];
+    if (KW > 0)
+      for (int j = 0; j < KW; ++j)
+        for (int q = 0; q < 4; ++q) wreg[j][q] = _mm512_loadu_si512(wblk + (j * 4 + q) * 64);
+    __m512i start[4];
+    __m512 sc[4], bi[4];
+    __mmask16 m[4];
+    for (int v = 0; v < 4; ++v) {
+      start[v] = _mm512_loadu_si512(wv.start.data() + blk * 64 + 16 * v);
+      const int64_t left = cn - 16 * v;
+      m[v] = left >= 16 ? (__mmask16)0xffff : (left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1));
+      sc[v] = _mm512_maskz_loadu_ps(m[v], a.p->scale.data() + c0 + 16 * v);
+      bi[v] = _mm512_maskz_loadu_ps(m[v], a.p->bias.data() + c0 + 16 * v);
+    }
+    for (int64_t ow0 = 0; ow0 < s.OW; ow0 += kDwSegment) {
+      const int64_t n = std::min(kDwSegment, s.OW - ow0);
+      dw_interleave_columns(rows, s.W, s.C, cm, ow0 * s.sw - s.pw, (n - 1) * s.sw + (kw - 1) * s.dw + 1, buf);
+      for (int64_t u = 0; u < n; ++u) {
+        __m512i acc[4] = {start[0], start[1], start[2], start[3]};
+        const int8_t* col = buf + u * col_step;
+        for (int64_t j = 0; j < kw; ++j)
+          for (int q = 0; q < 4; ++q) {
+            const __m512i w = KW > 0 ? wreg[KW > 0 ? j : 0][q] : _mm512_loadu_si512(wblk + (j * 4 + q) * 64);
+            acc[q] = _mm512_dpbusd_epi32(acc[q], _mm512_load_si512(col + j * tap_step + q * 64), w);
+          }
+        __m512i out[4];
+        dw_channel_order(acc, out);
+        const int64_t o = ((b * s.OH + oh) * s.OW + ow0 + u) * s.C + c0;
+        for (int v = 0; v < 4; ++v)
+          if (cn > 16 * v) epilogue16_avx512_sb<KIND, ACT>(out[v], sc[v], bi[v], m[v], a.out, o + 16 * v);
       }
-      __m512i acc0 = _mm512_setzero_si512(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-      for (int64_t i = 0; i < s.kh; ++i) {
-        const int64_t ih = oh * s.sh - s.ph + i * s.dh;
-        if (ih < 0 || ih >= s.H) continue;
-        for (int64_t j = 0; j < s.kw; ++j) {
-          const int64_t iw = ow * s.sw - s.pw + j * s.dw;
-          if (iw < 0 || iw >= s.W) continue;
-          const int8_t* xp = a.x + ((b * s.H + ih) * s.W + iw) * s.C + c0;
-          const int32_t* wp = w32 + (i * s.kw + j) * Cp + c0;
-          acc0 = _mm512_dpwssd_epi32(acc0, _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m[0], xp)),
-                                     _mm512_load_si512(wp));
-          if (cn > 16)
-            acc1 = _mm512_dpwssd_epi32(acc1, _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m[1], xp + 16)),
-                                       _mm512_load_si512(wp + 16));
-          if (cn > 32)
-            acc2 = _mm512_dpwssd_epi32(acc2, _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m[2], xp + 32)),
-                                       _mm512_load_si512(wp + 32));
-          if (cn > 48)
-            acc3 = _mm512_dpwssd_epi32(acc3, _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m[3], xp + 48)),
-                                       _mm512_load_si512(wp + 48));
-        }
-      }
-      // the epilogue straight from the registers
-      const int64_t o = pixel * s.C + c0;
-      epilogue16_avx512<KIND, ACT>(acc0, scale + c0, bias + c0, m[0], a.out, o);
-      if (cn > 16) epilogue16_avx512<KIND, ACT>(acc1, scale + c0 + 16, bias + c0 + 16, m[1], a.out, o + 16);
-      if (cn > 32) epilogue16_avx512<KIND, ACT>(acc2, scale + c0 + 32, bias + c0 + 32, m[2], a.out, o + 32);
-      if (cn > 48) epilogue16_avx512<KIND, ACT>(acc3, scale + c0 + 48, bias + c0 + 48, m[3], a.out, o + 48);
     }
   }
 }
 
+int64_t dw_buffer_columns(const Int8ConvShape& s) { return (kDwSegment - 1) * s.sw + (s.kw - 1) * s.dw + 1; }
+
+template <int KIND, int ACT>
+void depthwise_vnni512_act(const DepthwiseArgs& a, const DwVnniWeights& wv, int8_t* buf, int64_t b, int64_t oh) {
+  if (a.s->kw == 3) return depthwise_row_vnni512<KIND, ACT, 3>(a, wv, buf, b, oh);
+  depthwise_row_vnni512<KIND, ACT, 0>(a, wv, buf, b, oh);
+}
+
 template <int KIND>
-void depthwise_vnni512_kind(const DepthwiseArgs& a, const int32_t* w32, int64_t Cp, int64_t b, int64_t oh) {
+void depthwise_vnni512_kind(const DepthwiseArgs& a, const DwVnniWeights& wv, int8_t* buf, int64_t b, int64_t oh) {
   switch (a.s->act) {
-    case kActRelu: return depthwise_row_vnni512<KIND, kActRelu>(a, w32, Cp, b, oh);
-    case kActRelu6: return depthwise_row_vnni512<KIND, kActRelu6>(a, w32, Cp, b, oh);
-    default: return depthwise_row_vnni512<KIND, kActNone>(a, w32, Cp, b, oh);
+    case kActRelu: return depthwise_vnni512_act<KIND, kActRelu>(a, wv, buf, b, oh);
+    case kActRelu6: return depthwise_vnni512_act<KIND, kActRelu6>(a, wv, buf, b, oh);
+    default: return depthwise_vnni512_act<KIND, kActNone>(a, wv, buf, b, oh);
   }
 }
 
-void depthwise_vnni512(const DepthwiseArgs& a, const int32_t* w32, int64_t Cp, int64_t b, int64_t oh) {
+void depthwise_vnni512(const DepthwiseArgs& a, const DwVnniWeights& wv, int8_t* buf, int64_t b, int64_t oh) {
   switch (a.s->out_kind) {
-    case kOutInt32: return depthwise_vnni512_kind<kOutInt32>(a, w32, Cp, b, oh);
-    case kOutInt8: return depthwise_vnni512_kind<kOutInt8>(a, w32, Cp, b, oh);
-    default: return depthwise_vnni512_kind<kOutFloat>(a, w32, Cp, b, oh);
+    case kOutInt32: return depthwise_vnni512_kind<kOutInt32>(a, wv, buf, b, oh);
+    case kOutInt8: return depthwise_vnni512_kind<kOutInt8>(a, wv, buf, b, oh);
+    default: return depthwise_vnni512_kind<kOutFloat>(a, wv, buf, b, oh);
   }
 }
 
 void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8ConvShape& s, const ChannelParams& p,
                     at::Tensor& out) {
-  // weights as [tap][channel] int16, so the channel loop reads both operands contiguously
-  std::vector<int16_t> w16(s.kh * s.kw * s.C);
   at::Tensor wc = weight.contiguous();
   const int8_t* wp = wc.data_ptr<int8_t>();
-  for (int64_t c = 0; c < s.C; ++c)
-    for (int64_t t = 0; t < s.kh * s.kw; ++t) w16[t * s.C + c] = wp[c * s.kh * s.kw + t];
   const Int8Isa int8isa = int8_isa();
   const Isa isa = int8_vector_isa(int8isa);
+  if (int8isa >= Int8Isa::kAvx512Vnni && s.kh <= kDwMaxRows) {
+    const DwVnniWeights wv(wp, s);
+    DepthwiseArgs a{xc.data_ptr<int8_t>(), nullptr, &s, &p, out.data_ptr(), (int64_t)out.element_size(), isa};
+    at::parallel_for(0, s.N * s.OH, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<int8_t> mem(dw_buffer_columns(s) * kDwColumnBytes + 64);
+      int8_t* buf = mem.data() + (64 - reinterpret_cast<uintptr_t>(mem.data()) % 64) % 64;  // aligned stores
+      for (int64_t r = r0; r < r1; ++r) depthwise_vnni512(a, wv, buf, r / s.OH, r % s.OH);
+    });
+    return;
+  }
+  // weights as [tap][channel] int16, so the channel loop reads both operands contiguously
+  std::vector<int16_t> w16(s.kh * s.kw * s.C);
+  for (int64_t c = 0; c < s.C; ++c)
+    for (int64_t t = 0; t < s.kh * s.kw; ++t) w16[t * s.C + c] = wp[c * s.kh * s.kw + t];
   DepthwiseArgs a{xc.data_ptr<int8_t>(), w16.data(), &s, &p, out.data_ptr(), (int64_t)out.element_size(), isa};
-  const bool vnni = int8isa >= Int8Isa::kAvx512Vnni;
-  // for the VNNI kernel: [tap][Cp] dwords holding (uint16)w, channels padded to 64 with zeros
-  const int64_t Cp = (s.C + 63) / 64 * 64;
-  at::Tensor w32t = at::zeros({vnni ? s.kh * s.kw * Cp : 0}, at::TensorOptions().dtype(at::kInt));
-  int32_t* w32 = w32t.data_ptr<int32_t>();
-  if (vnni)
-    for (int64_t t = 0; t < s.kh * s.kw; ++t)
-      for (int64_t c = 0; c < s.C; ++c) w32[t * Cp + c] = (int32_t)(uint16_t)w16[t * s.C + c];
   at::parallel_for(0, s.N * s.OH, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / s.OH, oh = r % s.OH;
-      if (vnni) {
-        depthwise_vnni512(a, w32, Cp, b, oh);
-        continue;
-      }
       switch (isa) {
         case Isa::kAvx512: depthwise_row_avx512(a, b, oh); break;
         case Isa::kAvx2: depthwise_row_avx2(a, b, oh); break;
