@@ -234,6 +234,28 @@ def test_epilogue_is_identical_on_every_isa(case, activation, monkeypatch):
             assert torch.equal(got, want), isa
 
 
+@pytest.mark.parametrize("kind", ["pointwise", "depthwise s1", "3x3"])
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+def test_nan_and_inf_in_the_epilogue(kind, activation, isa):
+    """A NaN scale or bias gives 0 as int8 (and NaN as float, through relu/relu6 too); +-inf saturates."""
+    n, c, h, w_, o, k, s, g = ISA_EPILOGUE_CASES[kind]
+    gen = torch.Generator().manual_seed(23)
+    x, w = rand_int8(n, c, h, w_, gen=gen), rand_int8(o, c // g, k, k, gen=gen)
+    scale = torch.rand(o, generator=gen) * 0.004 + 1e-4
+    bias = torch.randn(o, generator=gen)
+    scale[1], bias[2], bias[3], bias[4] = float("nan"), float("nan"), float("inf"), float("-inf")
+    kw = dict(stride=s, padding=k // 2, groups=g, scale=scale, activation=activation)
+    out8 = qkernels.conv2d_int8(x, w, bias, out_dtype=torch.int8, **kw)
+    assert (out8[:, 1:3] == 0).all()
+    high = {None: 127, "relu": 127, "relu6": 6}[activation]
+    assert (out8[:, 3] == high).all() and (out8[:, 4] == (-127 if activation is None else 0)).all()
+    outf = qkernels.conv2d_int8(x, w, bias, **kw)
+    assert outf[:, 1:3].isnan().all()
+    expected = ref.conv2d_int8(x, w, bias, **kw)
+    torch.testing.assert_close(outf.double(), expected, rtol=1e-6, atol=1e-5, equal_nan=True)
+    _assert_int8_close(out8[:, 5:], expected[:, 5:])
+
+
 def test_int8_rounds_half_away_from_zero_and_saturates():
     # 1x1 conv with one input channel and weight 1: acc == x, so acc * 0.5 hits every half
     x = torch.arange(-128, 128, dtype=torch.int8).reshape(1, 1, 16, 16)

@@ -327,6 +327,10 @@ QK_TARGET_VNNI512_DW void depthwise_row_vnni512(const DepthwiseArgs& a, const Dw
         __m512i out[4];
         dw_channel_order(acc, out);
         const int64_t o = ((b * s.OH + oh) * s.OW + ow0 + u) * s.C + c0;
+        if (KIND == kOutInt8) {
+          epilogue64_int8_avx512<ACT>(out, sc, bi, 4, cm, static_cast<int8_t*>(a.out) + o);
+          continue;
+        }
         for (int v = 0; v < 4; ++v)
           if (cn > 16 * v) epilogue16_avx512_sb<KIND, ACT>(out[v], sc[v], bi[v], m[v], a.out, o + 16 * v);
       }

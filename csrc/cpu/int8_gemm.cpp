@@ -454,9 +454,16 @@ QK_TARGET_AVX512 void tile_epilogue_avx512(const Int8Epilogue& ep, int64_t r0, i
     s[v] = _mm512_maskz_loadu_ps(m[v], ep.scale + ep.channel_offset + c0 + 16 * v);
     b[v] = _mm512_maskz_loadu_ps(m[v], ep.bias + ep.channel_offset + c0 + 16 * v);
   }
+  const __mmask64 m64 = nc >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << nc) - 1);
   for (int64_t i = 0; i < nr; ++i) {
     char* o = static_cast<char*>(ep.out) + ((r0 + i) * ep.row_stride + c0 + ep.offset) * esize;
     const int32_t* c = C + i * ldc;
+    if (KIND == kOutInt8) {
+      __m512i acc[4];
+      for (int v = 0; v < nvec; ++v) acc[v] = _mm512_maskz_loadu_epi32(m[v], c + 16 * v);
+      epilogue64_int8_avx512<ACT>(acc, s, b, nvec, m64, reinterpret_cast<int8_t*>(o));
+      continue;
+    }
     for (int v = 0; v < nvec; ++v)
       epilogue16_avx512_sb<KIND, ACT>(_mm512_maskz_loadu_epi32(m[v], c + 16 * v), s[v], b[v], m[v], o, 16 * v);
   }

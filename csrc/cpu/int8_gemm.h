@@ -106,9 +106,35 @@ struct Int8Epilogue {
 void int8_epilogue_row(Isa vec, const int32_t* acc, int64_t n, const float* s, const float* b, int64_t pstep, int act, int kind,
                        void* out, int64_t ostride);
 
+// act(fma(float(acc), s, b)) on 16 lanes. Same results as int8_epilogue_value lane by lane: vmaxps and
+// vminps return their second operand when one is NaN, which keeps NaN through relu/relu6 as the
+// scalar code does.
+template <int ACT>
+QK_TARGET_AVX512 QK_INLINE __m512 epilogue_value16(__m512i acc, __m512 s, __m512 b) {
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, b);
+  if (ACT == kActRelu) v = _mm512_max_ps(zero, v);
+  if (ACT == kActRelu6) v = _mm512_min_ps(_mm512_set1_ps(6.f), _mm512_max_ps(zero, v));
+  return v;
+}
+
+// saturate_int8 on 16 lanes (v from epilogue_value16<ACT>) as int32, except that NaN gives INT32_MIN,
+// which callers turn into 0. Clamp to [-127, 127] (NaN kept: the constant is the first operand), then
+// trunc(v + copysign(0.5 - 2^-25, v)): exactly round half away from zero on [-127, 127], checked on
+// every float there (the plain +0.5 would round 0.49999997 up in the addition). After relu or relu6,
+// v >= 0 or -0 or NaN, so the sign and one side of the clamp need no work.
+template <int ACT>
+QK_TARGET_AVX512 QK_INLINE __m512i round_clamp_int8(__m512 v) {
+  if (ACT == kActNone) v = _mm512_max_ps(_mm512_set1_ps(-127.f), v);
+  if (ACT != kActRelu6) v = _mm512_min_ps(_mm512_set1_ps(127.f), v);
+  __m512 h = _mm512_set1_ps(0.49999997f);
+  if (ACT == kActNone)  // (v & sign) | h
+    h = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN),
+                                                      _mm512_castps_si512(h), 0xEA));
+  return _mm512_cvttps_epi32(_mm512_add_ps(v, h));
+}
+
 // The epilogue of 16 accumulators (lanes in `m`) in registers, stored at out[j..j+16) (typed by KIND).
-// Same results as int8_epilogue_value + saturate_int8 lane by lane: vmaxps/vminps return their second
-// operand when one is NaN, which keeps NaN through relu/relu6 as the scalar code does.
 // This form takes scale and bias already in registers (a tile loop loads them once per column block).
 template <int KIND, int ACT>
 QK_TARGET_AVX512 QK_INLINE void epilogue16_avx512_sb(__m512i a, __m512 s, __m512 b, __mmask16 m, void* out,
@@ -117,22 +143,31 @@ QK_TARGET_AVX512 QK_INLINE void epilogue16_avx512_sb(__m512i a, __m512 s, __m512
     _mm512_mask_storeu_epi32(static_cast<int32_t*>(out) + j, m, a);
     return;
   }
-  const __m512 zero = _mm512_setzero_ps();
-  __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), s, b);
-  if (ACT == kActRelu) v = _mm512_max_ps(zero, v);
-  if (ACT == kActRelu6) v = _mm512_min_ps(_mm512_set1_ps(6.f), _mm512_max_ps(zero, v));
+  const __m512 v = epilogue_value16<ACT>(a, s, b);
   if (KIND == kOutFloat) {
     _mm512_mask_storeu_ps(static_cast<float*>(out) + j, m, v);
     return;
   }
-  // round half away from zero: t = trunc(v), d = v - t (exact), trunc(2d) is +-1 exactly when |d| >= 0.5
-  constexpr int kTrunc = _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC;
-  const __m512 t = _mm512_roundscale_ps(v, kTrunc);
-  const __m512 d = _mm512_sub_ps(v, t);
-  __m512 r = _mm512_add_ps(t, _mm512_roundscale_ps(_mm512_add_ps(d, d), kTrunc));
-  r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r);  // NaN -> 0
-  r = _mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f));
-  _mm_mask_storeu_epi8(static_cast<int8_t*>(out) + j, m, _mm512_cvtsepi32_epi8(_mm512_cvttps_epi32(r)));
+  __m512i r = round_clamp_int8<ACT>(v);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmpeq_epi32_mask(r, _mm512_set1_epi32(INT32_MIN)), _mm512_setzero_si512());
+  _mm_mask_storeu_epi8(static_cast<int8_t*>(out) + j, m, _mm512_cvtsepi32_epi8(r));
+}
+
+// The int8 epilogue of up to 64 accumulators (acc[v] for v < nvec, channels 16v..16v+15) with one
+// store of the bytes in `m`: packing four vectors costs less than four narrowing stores.
+template <int ACT>
+QK_TARGET_AVX512 QK_INLINE void epilogue64_int8_avx512(const __m512i* acc, const __m512* s, const __m512* b, int nvec,
+                                                      __mmask64 m, int8_t* out) {
+  __m512i r[4];
+  for (int v = 0; v < 4; ++v)
+    r[v] = v < nvec ? round_clamp_int8<ACT>(epilogue_value16<ACT>(acc[v], s[v], b[v])) : _mm512_setzero_si512();
+  // saturating packs (a no-op on [-127, 127]; NaN's INT32_MIN becomes -128) interleave 128-bit lanes:
+  // lane L holds dwords [r0 4L..4L+3 | r1 .. | r2 .. | r3 ..]; vpermd puts them back in order.
+  const __m512i bytes = _mm512_packs_epi16(_mm512_packs_epi32(r[0], r[1]), _mm512_packs_epi32(r[2], r[3]));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  __m512i o = _mm512_permutexvar_epi32(order, bytes);
+  o = _mm512_mask_mov_epi8(o, _mm512_cmpeq_epi8_mask(o, _mm512_set1_epi8(-128)), _mm512_setzero_si512());  // NaN
+  _mm512_mask_storeu_epi8(out, m, o);
 }
 
 template <int KIND, int ACT>
