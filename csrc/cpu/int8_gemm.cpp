@@ -458,6 +458,10 @@ QK_TARGET_AVX512 void tile_epilogue_avx512(const Int8Epilogue& ep, int64_t r0, i
   for (int64_t i = 0; i < nr; ++i) {
     char* o = static_cast<char*>(ep.out) + ((r0 + i) * ep.row_stride + c0 + ep.offset) * esize;
     const int32_t* c = C + i * ldc;
+    // The panel loops' next tile writes the same columns nr rows further on. Output lines are not in
+    // cache yet (a fresh tensor); prefetching them for write hides the read-for-ownership that would
+    // otherwise stall these stores. (A prefetch past the end of the tensor is harmless.)
+    _mm_prefetch(o + nr * ep.row_stride * esize, _MM_HINT_ET0);
     if (KIND == kOutInt8) {
       __m512i acc[4];
       for (int v = 0; v < nvec; ++v) acc[v] = _mm512_maskz_loadu_epi32(m[v], c + 16 * v);
