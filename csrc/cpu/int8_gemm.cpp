@@ -182,7 +182,8 @@ struct PackedQ {
   int64_t block_bytes() const { return Kp * kBlock; }
 };
 
-PackedQ pack_q(Int8RowSource Q, int64_t rows, int64_t K, int64_t Kp) {
+// with_corr: also compute the corrections (only the u8 x s8 kernels use them).
+PackedQ pack_q(Int8RowSource Q, int64_t rows, int64_t K, int64_t Kp, bool with_corr) {
   PackedQ q;
   q.rows = rows;
   q.blocks = (rows + kBlock - 1) / kBlock;
@@ -199,12 +200,19 @@ PackedQ pack_q(Int8RowSource Q, int64_t rows, int64_t K, int64_t Kp) {
       Q(r0, n, tmp.data(), Kp);
       for (int64_t i = 0; i < kBlock; ++i) {
         int32_t sum = 0;
-        for (int64_t k = 0; k < K; ++k) sum += tmp[i * Kp + k];
+        if (with_corr)
+          for (int64_t k = 0; k < K; ++k) sum += tmp[i * Kp + k];
         corr[r0 + i] = 128 * sum;
       }
+      // [16 rows][Kp/4] dwords -> [Kp/4][16 rows]
       int8_t* dst = data + blk * q.block_bytes();
-      for (int64_t k4 = 0; k4 < Kp / 4; ++k4)
-        for (int64_t i = 0; i < kBlock; ++i) std::memcpy(dst + k4 * 64 + i * 4, tmp.data() + i * Kp + k4 * 4, 4);
+      const int64_t kp4 = Kp / 4;
+      for (int64_t i = 0; i < kBlock; ++i)
+        for (int64_t k4 = 0; k4 < kp4; ++k4) {
+          int32_t v;
+          std::memcpy(&v, tmp.data() + (i * kp4 + k4) * 4, 4);
+          std::memcpy(dst + (k4 * kBlock + i) * 4, &v, 4);
+        }
     }
   });
   q.data = data;
@@ -567,7 +575,7 @@ void int8_gemm(Int8Isa isa, int64_t p_rows, int64_t q_rows, int64_t K, Int8RowSo
   if (isa == Int8Isa::kAmx && K < 64) isa = Int8Isa::kAvx512Vnni;
   const int64_t Kp = round_up(std::max<int64_t>(K, 1), isa == Int8Isa::kAmx ? 64 : 4);
   const bool biased = isa == Int8Isa::kAvx512Vnni || isa == Int8Isa::kAvxVnni;  // u8 x s8
-  const PackedQ q = pack_q(Q, q_rows, K, Kp);
+  const PackedQ q = pack_q(Q, q_rows, K, Kp, biased);
 
   constexpr int64_t kPanelRows = 96;  // a multiple of every kernel's row step (6, 2, 1, 32)
   const int64_t panels = (p_rows + kPanelRows - 1) / kPanelRows;
