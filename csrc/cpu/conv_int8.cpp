@@ -407,6 +407,82 @@ QK_INLINE void copy_bytes(int8_t* dst, const int8_t* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
 }
 
+// Patch rows of one group of a (non-pointwise) conv: row r is output pixel r's taps in (kh, kw, c) order.
+struct PatchSource {
+  const int8_t* x;  // NHWC
+  const Int8ConvShape* s;
+  int64_t g, Cg;
+};
+
+// The taps of kernel row ki of one output pixel (top-left input column iw0), written to d: zeros where
+// they fall in the padding.
+QK_INLINE void gather_kernel_row(const PatchSource& ps, int64_t b, int64_t ih, int64_t iw0, int8_t* d) {
+  const Int8ConvShape& s = *ps.s;
+  const int64_t Cg = ps.Cg;
+  if (ih < 0 || ih >= s.H) {
+    std::memset(d, 0, s.kw * Cg);
+    return;
+  }
+  const int8_t* xrow = ps.x + (b * s.H + ih) * s.W * s.C + ps.g * Cg;
+  // groups == 1 with undilated columns: the kw taps are kw*C contiguous bytes
+  if (s.groups == 1 && s.dw == 1 && iw0 >= 0 && iw0 + s.kw <= s.W) {
+    copy_bytes(d, xrow + iw0 * s.C, s.kw * Cg);
+    return;
+  }
+  for (int64_t kj = 0; kj < s.kw; ++kj) {
+    const int64_t iw = iw0 + kj * s.dw;
+    if (iw < 0 || iw >= s.W)
+      std::memset(d + kj * Cg, 0, Cg);
+    else
+      copy_bytes(d + kj * Cg, xrow + iw * s.C, Cg);
+  }
+}
+
+// Output pixel (b, oh, ow) of patch row r; the loops below step it along without divisions.
+struct PixelCursor {
+  int64_t b, oh, ow;
+  PixelCursor(const Int8ConvShape& s, int64_t r) : b(r / (s.OW * s.OH)), oh((r / s.OW) % s.OH), ow(r % s.OW) {}
+  void next(const Int8ConvShape& s) {
+    if (++ow == s.OW) {
+      ow = 0;
+      if (++oh == s.OH) oh = 0, ++b;
+    }
+  }
+};
+
+void gather_patches(const PatchSource& ps, int64_t r0, int64_t n, int8_t* dst, int64_t ld) {
+  const Int8ConvShape& s = *ps.s;
+  PixelCursor px(s, r0);
+  for (int64_t i = 0; i < n; ++i, px.next(s))
+    for (int64_t ki = 0; ki < s.kh; ++ki)
+      gather_kernel_row(ps, px.b, px.oh * s.sh - s.ph + ki * s.dh, px.ow * s.sw - s.pw, dst + i * ld + ki * s.kw * ps.Cg);
+}
+
+// groups == 1, undilated columns and kw*C <= 64: an interior kernel row's taps are copied by one masked
+// load and store (the stem: 9 bytes, where a byte loop cost more than the product).
+QK_TARGET_AVX512 void gather_patches_short_runs(const PatchSource& ps, int64_t r0, int64_t n, int8_t* dst,
+                                                int64_t ld) {
+  const Int8ConvShape& s = *ps.s;
+  const int64_t run = s.kw * s.C;
+  const __mmask64 mask = run >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << run) - 1);
+  PixelCursor px(s, r0);
+  for (int64_t i = 0; i < n; ++i, px.next(s)) {
+    const int64_t iw0 = px.ow * s.sw - s.pw;
+    const bool columns_inside = iw0 >= 0 && iw0 + s.kw <= s.W;
+    for (int64_t ki = 0; ki < s.kh; ++ki) {
+      const int64_t ih = px.oh * s.sh - s.ph + ki * s.dh;
+      int8_t* d = dst + i * ld + ki * run;
+      const int8_t* src = ps.x + ((px.b * s.H + ih) * s.W + iw0) * s.C;
+      if (!columns_inside || ih < 0 || ih >= s.H)
+        gather_kernel_row(ps, px.b, ih, iw0, d);
+      else if (run <= 16)  // narrower masked moves cross fewer cache lines
+        _mm_mask_storeu_epi8(d, (__mmask16)mask, _mm_maskz_loadu_epi8((__mmask16)mask, src));
+      else
+        _mm512_mask_storeu_epi8(d, mask, _mm512_maskz_loadu_epi8(mask, src));
+    }
+  }
+}
+
 void grouped_gemm_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8ConvShape& s, const ChannelParams& p,
                        at::Tensor& out) {
   const int64_t Cg = s.C / s.groups, Og = s.O / s.groups, K = s.kh * s.kw * Cg;
@@ -417,45 +493,18 @@ void grouped_gemm_conv(const at::Tensor& xc, const at::Tensor& weight, const Int
   const int8_t* xp = xc.data_ptr<int8_t>();
   const bool pointwise = s.kh == 1 && s.kw == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0;
   const Int8Isa isa = int8_isa();
+  const bool short_runs = int8_vector_isa(isa) == Isa::kAvx512 && s.groups == 1 && s.dw == 1 && s.kw * Cg <= 64;
   for (int64_t g = 0; g < s.groups; ++g) {
     auto patch_rows = [&](int64_t r0, int64_t n, int8_t* dst, int64_t ld) {
       if (pointwise) {
         for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * ld, xp + (r0 + i) * s.C + g * Cg, Cg);
         return;
       }
-      // groups == 1 with undilated columns: the kw taps of one kernel row are kw*C contiguous bytes
-      const bool row_runs = s.groups == 1 && s.dw == 1;
-      // output pixel (b, oh, ow) of row r0, then stepped along: no divisions per row
-      int64_t ow = r0 % s.OW, oh = (r0 / s.OW) % s.OH, b = r0 / (s.OW * s.OH);
-      for (int64_t i = 0; i < n; ++i, ++ow) {
-        if (ow == s.OW) {
-          ow = 0;
-          if (++oh == s.OH) oh = 0, ++b;
-        }
-        int8_t* d = dst + i * ld;
-        const int64_t iw0 = ow * s.sw - s.pw;
-        for (int64_t ki = 0; ki < s.kh; ++ki) {
-          const int64_t ih = oh * s.sh - s.ph + ki * s.dh;
-          if (ih < 0 || ih >= s.H) {
-            std::memset(d, 0, s.kw * Cg);
-            d += s.kw * Cg;
-            continue;
-          }
-          const int8_t* xrow = xp + (b * s.H + ih) * s.W * s.C + g * Cg;
-          if (row_runs && iw0 >= 0 && iw0 + s.kw <= s.W) {
-            copy_bytes(d, xrow + iw0 * s.C, s.kw * Cg);
-            d += s.kw * Cg;
-            continue;
-          }
-          for (int64_t kj = 0; kj < s.kw; ++kj, d += Cg) {
-            const int64_t iw = iw0 + kj * s.dw;
-            if (iw < 0 || iw >= s.W)
-              std::memset(d, 0, Cg);
-            else
-              copy_bytes(d, xrow + iw * s.C, Cg);
-          }
-        }
-      }
+      const PatchSource ps{xp, &s, g, Cg};
+      if (short_runs)
+        gather_patches_short_runs(ps, r0, n, dst, ld);
+      else
+        gather_patches(ps, r0, n, dst, ld);
     };
     auto weight_rows = [&](int64_t r0, int64_t n, int8_t* dst, int64_t ld) {
       for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * ld, wp + (g * Og + r0 + i) * K, K);
