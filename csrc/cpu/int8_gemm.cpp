@@ -1,6 +1,6 @@
 // int8 GEMM for conv2d_int8 / linear_int8 on CPU: C = P * Q^T (+ fused epilogue), with one kernel per
 // instruction set, picked at run time (GCC target attributes, no global -march):
-//   AMX-INT8      tdpbssd on 16x64 tiles, signed x signed, 32x32 output blocks;
+//   AMX-INT8      tdpbssd on 16x64 tiles (shorter when K < 64), signed x signed, 32x32 output blocks;
 //   AVX512-VNNI   vpdpbusd (u8 x s8) on 6x64 blocks: P is stored as x+128 (xor 0x80) and
 //                 128 * sum_k Q[c][k] is subtracted per column (exact modulo 2^32, hence exact);
 //   AVX-VNNI      the same on 256-bit registers, 6x16 blocks;
@@ -20,8 +20,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "cpu/simd.h"
@@ -392,26 +394,32 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
-// Eight 16x64-byte tiles. A constant object: GCC's ldtilecfg builtin does not tell the optimiser that
-// it reads its operand, so the stores filling a local configuration can be dropped as dead.
-constexpr TileConfig make_tile_config() {
+// Tiles for products `depth` dwords deep per step (16, or Kp/4 when K < 64): accumulators 16x64 bytes,
+// P tiles 16 rows x 4*depth bytes, Q tiles depth rows x 64 bytes. So a short K (a 1x1 conv over 32
+// channels, the 27-deep stem) is not padded to 64. Constant objects: GCC's ldtilecfg builtin does not
+// tell the optimiser that it reads its operand, so the stores filling a local one can be dropped.
+constexpr TileConfig make_tile_config(int depth) {
   TileConfig cfg{};
   cfg.palette_id = 1;
   for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
+    cfg.rows[t] = t >= 6 ? depth : 16;
+    cfg.colsb[t] = t == 4 || t == 5 ? 4 * depth : 64;
   }
   return cfg;
 }
-constexpr TileConfig kTileConfig = make_tile_config();
+template <size_t... D>
+constexpr std::array<TileConfig, sizeof...(D)> make_tile_configs(std::index_sequence<D...>) {
+  return {make_tile_config((int)D)...};
+}
+constexpr auto kTileConfigs = make_tile_configs(std::make_index_sequence<17>());  // [depth], 1..16 used
 
 // Loading a configuration is slow, so each thread does it once per product rather than per panel.
-QK_TARGET_AMX void amx_begin() { _tile_loadconfig(&kTileConfig); }
+QK_TARGET_AMX void amx_begin(int64_t Kp) { _tile_loadconfig(&kTileConfigs[std::min<int64_t>(Kp, 64) / 4]); }
 QK_TARGET_AMX void amx_end() { _tile_release(); }
 
 QK_TARGET_AMX void panel_amx(const PanelJob& job) {
   alignas(64) int32_t C[32 * 32];
-  const int64_t bs = job.q->block_bytes(), kb_count = job.Kp / 64, lda = job.lda;
+  const int64_t bs = job.q->block_bytes(), kb_count = (job.Kp + 63) / 64, lda = job.lda;
   for (int64_t blk = job.blk0; blk < job.blk1; blk += 2) {
     const bool two = blk + 1 < job.blk1;
     const int8_t* B0 = job.q->data + blk * bs;
@@ -571,9 +579,8 @@ void int8_gemm(Int8Isa isa, int64_t p_rows, int64_t q_rows, int64_t K, Int8RowSo
   if (p_rows == 0 || q_rows == 0) return;
   Int8Epilogue ep = epilogue;
   ep.vec = int8_vector_isa(isa);
-  // AMX works on 64-deep slices; a short K is cheaper on VNNI than padded to 64.
-  if (isa == Int8Isa::kAmx && K < 64) isa = Int8Isa::kAvx512Vnni;
-  const int64_t Kp = round_up(std::max<int64_t>(K, 1), isa == Int8Isa::kAmx ? 64 : 4);
+  // AMX works on 64-deep slices, or one shorter slice when K < 64 (see make_tile_config).
+  const int64_t Kp = round_up(std::max<int64_t>(K, 1), isa == Int8Isa::kAmx && K >= 64 ? 64 : 4);
   const bool biased = isa == Int8Isa::kAvx512Vnni || isa == Int8Isa::kAvxVnni;  // u8 x s8
   const PackedQ q = pack_q(Q, q_rows, K, Kp, biased);
 
@@ -594,7 +601,7 @@ void int8_gemm(Int8Isa isa, int64_t p_rows, int64_t q_rows, int64_t K, Int8RowSo
     std::vector<int8_t> panel_mem(kPanelRows * Kp + 64);
     int8_t* panel = panel_mem.data();
     int64_t packed_panel = -1;
-    if (isa == Int8Isa::kAmx) amx_begin();
+    if (isa == Int8Isa::kAmx) amx_begin(Kp);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t pi = t / col_tasks, ci = t % col_tasks;
       const int64_t r0 = pi * kPanelRows, rows = std::min(kPanelRows, p_rows - r0);
