@@ -72,6 +72,8 @@ CONV_CASES = [
     ("pw 64->80 whole row panels read in place", 2, 64, 11, 13, 80, 1, 1, 0, 1, 1),
     ("dw 80 s1 wide rows", 2, 80, 5, 23, 80, 3, 1, 1, 1, 80),
     ("dw 40 s2 wide rows", 1, 40, 6, 21, 40, 3, 2, 1, 1, 40),
+    ("dw 32 s1 odd width (2 pixels per block)", 1, 32, 4, 37, 32, 3, 1, 1, 1, 32),
+    ("dw 8 s1 (8 pixels per block)", 2, 8, 5, 13, 8, 3, 1, 1, 1, 8),
     ("dw 4x2 kernel stride (3, 1)", 1, 70, 9, 11, 70, (4, 2), (3, 1), (1, 0), 1, 70),
     ("dw 5x5 more kernel rows than a dword", 1, 24, 8, 9, 24, 5, 1, 2, 1, 24),
     ("dw 3x5 dilation (1, 2) wide map", 2, 16, 5, 70, 16, (3, 5), 1, (1, 4), (1, 2), 16),
@@ -208,6 +210,7 @@ ISA_EPILOGUE_CASES = {
     "pointwise small K": (2, 24, 9, 11, 40, 1, 1, 1),
     "depthwise s1": (2, 72, 6, 19, 72, 3, 1, 72),
     "depthwise s2": (1, 40, 7, 17, 40, 3, 2, 40),
+    "depthwise 32 s1": (2, 32, 5, 11, 32, 3, 1, 32),
     "3x3": (2, 16, 7, 9, 24, 3, 1, 1),
 }
 

@@ -216,25 +216,45 @@ void depthwise_row_base(const DepthwiseArgs& a, int64_t b, int64_t oh) { depthwi
 // before the epilogue. vpdpbusd multiplies uint8 by int8, so x enters as x + 128 (xor 0x80): that adds
 // 128 * (sum of all kh*kw weights) per channel, padding taps included (their x = 0 enters as 128),
 // which the accumulators start from negated. Exact: the int32 sums wrap like the reference's.
+// Few channels (C = 32 or 16, stride 1): a 64-byte block holds `pixels` = 64 / C neighbouring pixels
+// (NHWC), so one block computes that many neighbouring output pixels at once (tap j of output pixels
+// ow, ow+1 reads input columns ow-p+j, ow+1-p+j: again one 64-byte load) instead of leaving lanes empty.
 #define QK_TARGET_VNNI512_DW __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
 
 constexpr int64_t kDwMaxRows = 4;     // kernel rows per dword
 constexpr int64_t kDwSegment = 32;    // output pixels per interleaved-column buffer (stays in L1)
 constexpr int64_t kDwColumnBytes = 256;  // one interleaved column of a 64-channel block: 4 vectors
 
-// Weights of one 64-channel block: [kw][4 vectors][64 bytes] in interleaved order, then the starting
-// accumulator (-128 * sum of the block's weights per channel) as 4 vectors in the same order.
+// Pixels per 64-byte block (see above).
+int64_t dw_pixels_per_block(const Int8ConvShape& s) {
+  return s.sw == 1 && s.C <= 32 && 64 % s.C == 0 ? 64 / s.C : 1;
+}
+
+// Per 64-lane block ("lane" = channel, or channel c of pixel l / C when several pixels share a block):
+// weights [kw][4 vectors][64 bytes] in interleaved order, the starting accumulator (-128 * sum of the
+// lane's weights) as 4 vectors in the same order, and scale and bias in channel order.
 struct DwVnniWeights {
   std::vector<int8_t> w;
   std::vector<int32_t> start;
-  int64_t blocks, kw;
-  DwVnniWeights(const int8_t* wp, const Int8ConvShape& s) : blocks((s.C + 63) / 64), kw(s.kw) {
+  std::vector<float> scale, bias;
+  int64_t blocks, kw, pixels;
+  DwVnniWeights(const int8_t* wp, const Int8ConvShape& s, const ChannelParams& cp)
+      : kw(s.kw), pixels(dw_pixels_per_block(s)) {
+    blocks = pixels > 1 ? 1 : (s.C + 63) / 64;
+    const int64_t lanes = pixels > 1 ? 64 : s.C;  // lanes holding a channel
     w.assign(blocks * kw * kDwColumnBytes, 0);
     start.assign(blocks * 64, 0);
+    scale.assign(blocks * 64, 0.f);
+    bias.assign(blocks * 64, 0.f);
+    for (int64_t l = 0; l < lanes; ++l) {
+      scale[l] = cp.scale[l % s.C];
+      bias[l] = cp.bias[l % s.C];
+    }
     for (int64_t blk = 0; blk < blocks; ++blk)
       for (int64_t p = 0; p < 64; ++p) {  // p = 16q + 4L + t: vector q, lane L, dword t
-        const int64_t q = p / 16, L = (p % 16) / 4, t = p % 4, c = blk * 64 + 16 * L + 4 * q + t;
-        if (c >= s.C) continue;
+        const int64_t q = p / 16, L = (p % 16) / 4, t = p % 4, lane = blk * 64 + 16 * L + 4 * q + t;
+        if (lane >= lanes) continue;
+        const int64_t c = lane % s.C;
         int32_t sum = 0;
         for (int64_t j = 0; j < kw; ++j)
           for (int64_t i = 0; i < s.kh; ++i) {
@@ -248,17 +268,20 @@ struct DwVnniWeights {
 };
 
 // Interleaves input columns iw_first .. iw_first + ncols - 1 of the rows `rows` (null: padding) for
-// the channels in `cm` into buf, kDwColumnBytes per column.
+// the channels in `cm` into buf, kDwColumnBytes per column. With pixels > 1, "column" iw is the block
+// of pixels iw .. iw + pixels - 1, each masked off where it falls in the padding.
 QK_TARGET_VNNI512_DW void dw_interleave_columns(const int8_t* const rows[kDwMaxRows], int64_t W, int64_t C,
-                                                __mmask64 cm, int64_t iw_first, int64_t ncols, int8_t* buf) {
+                                                __mmask64 cm, int64_t pixels, int64_t iw_first, int64_t ncols,
+                                                int8_t* buf) {
   const __m512i flip = _mm512_set1_epi8((char)0x80);  // x = 0 (padding) as uint8
   for (int64_t k = 0; k < ncols; ++k) {
     const int64_t iw = iw_first + k;
+    __mmask64 m = 0;  // masked-off bytes load as 0 (padding) and are never read
+    for (int64_t p = 0; p < pixels; ++p)
+      if (iw + p >= 0 && iw + p < W) m |= cm << (p * C);
     __m512i r[kDwMaxRows];
     for (int i = 0; i < kDwMaxRows; ++i)
-      r[i] = rows[i] != nullptr && iw >= 0 && iw < W
-                 ? _mm512_xor_si512(_mm512_maskz_loadu_epi8(cm, rows[i] + iw * C), flip)
-                 : flip;
+      r[i] = rows[i] != nullptr ? _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, rows[i] + iw * C), flip) : flip;
     const __m512i lo01 = _mm512_unpacklo_epi8(r[0], r[1]), hi01 = _mm512_unpackhi_epi8(r[0], r[1]);
     const __m512i lo23 = _mm512_unpacklo_epi8(r[2], r[3]), hi23 = _mm512_unpackhi_epi8(r[2], r[3]);
     int8_t* d = buf + k * kDwColumnBytes;
@@ -289,9 +312,10 @@ QK_TARGET_VNNI512_DW void depthwise_row_vnni512(const DepthwiseArgs& a, const Dw
                                                 int64_t oh) {
   const Int8ConvShape& s = *a.s;
   const int64_t kw = KW > 0 ? KW : s.kw;
-  const int64_t col_step = s.sw * kDwColumnBytes, tap_step = s.dw * kDwColumnBytes;
+  const int64_t px = wv.pixels;  // output pixels per block (stride 1 when > 1)
+  const int64_t col_step = px * s.sw * kDwColumnBytes, tap_step = s.dw * kDwColumnBytes;
   for (int64_t blk = 0; blk < wv.blocks; ++blk) {
-    const int64_t c0 = blk * 64, cn = std::min<int64_t>(64, s.C - c0);
+    const int64_t c0 = blk * 64, cn = px > 1 ? s.C : std::min<int64_t>(64, s.C - c0);  // channels per pixel
     const __mmask64 cm = cn == 64 ? ~(__mmask64)0 : (((__mmask64)1 << cn) - 1);
     const int8_t* rows[kDwMaxRows];
     for (int64_t i = 0; i < kDwMaxRows; ++i) {
@@ -305,18 +329,19 @@ QK_TARGET_VNNI512_DW void depthwise_row_vnni512(const DepthwiseArgs& a, const Dw
         for (int q = 0; q < 4; ++q) wreg[j][q] = _mm512_loadu_si512(wblk + (j * 4 + q) * 64);
     __m512i start[4];
     __m512 sc[4], bi[4];
-    __mmask16 m[4];
+    const int64_t lanes = cn * px;  // lanes of whole pixels
     for (int v = 0; v < 4; ++v) {
       start[v] = _mm512_loadu_si512(wv.start.data() + blk * 64 + 16 * v);
-      const int64_t left = cn - 16 * v;
-      m[v] = left >= 16 ? (__mmask16)0xffff : (left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1));
-      sc[v] = _mm512_maskz_loadu_ps(m[v], a.p->scale.data() + c0 + 16 * v);
-      bi[v] = _mm512_maskz_loadu_ps(m[v], a.p->bias.data() + c0 + 16 * v);
+      sc[v] = _mm512_loadu_ps(wv.scale.data() + blk * 64 + 16 * v);
+      bi[v] = _mm512_loadu_ps(wv.bias.data() + blk * 64 + 16 * v);
     }
-    for (int64_t ow0 = 0; ow0 < s.OW; ow0 += kDwSegment) {
+    for (int64_t ow0 = 0; ow0 < s.OW; ow0 += kDwSegment) {  // kDwSegment: a multiple of every px
       const int64_t n = std::min(kDwSegment, s.OW - ow0);
-      dw_interleave_columns(rows, s.W, s.C, cm, ow0 * s.sw - s.pw, (n - 1) * s.sw + (kw - 1) * s.dw + 1, buf);
-      for (int64_t u = 0; u < n; ++u) {
+      dw_interleave_columns(rows, s.W, s.C, cm, px, ow0 * s.sw - s.pw, (n - 1) * s.sw + (kw - 1) * s.dw + 1, buf);
+      for (int64_t u = 0; u * px < n; ++u) {
+        // lanes stored: all of them but in a last, partial group of pixels
+        const int64_t nl = std::min(lanes, (n - u * px) * cn);
+        const __mmask64 lm = nl == 64 ? ~(__mmask64)0 : (((__mmask64)1 << nl) - 1);
         __m512i acc[4] = {start[0], start[1], start[2], start[3]};
         const int8_t* col = buf + u * col_step;
         for (int64_t j = 0; j < kw; ++j)
@@ -326,13 +351,13 @@ QK_TARGET_VNNI512_DW void depthwise_row_vnni512(const DepthwiseArgs& a, const Dw
           }
         __m512i out[4];
         dw_channel_order(acc, out);
-        const int64_t o = ((b * s.OH + oh) * s.OW + ow0 + u) * s.C + c0;
+        const int64_t o = ((b * s.OH + oh) * s.OW + ow0 + u * px) * s.C + c0;
         if (KIND == kOutInt8) {
-          epilogue64_int8_avx512<ACT>(out, sc, bi, 4, cm, static_cast<int8_t*>(a.out) + o);
+          epilogue64_int8_avx512<ACT>(out, sc, bi, 4, lm, static_cast<int8_t*>(a.out) + o);
           continue;
         }
         for (int v = 0; v < 4; ++v)
-          if (cn > 16 * v) epilogue16_avx512_sb<KIND, ACT>(out[v], sc[v], bi[v], m[v], a.out, o + 16 * v);
+          if (nl > 16 * v) epilogue16_avx512_sb<KIND, ACT>(out[v], sc[v], bi[v], (__mmask16)(lm >> (16 * v)), a.out, o + 16 * v);
       }
     }
   }
@@ -370,7 +395,7 @@ void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8Co
   const Int8Isa int8isa = int8_isa();
   const Isa isa = int8_vector_isa(int8isa);
   if (int8isa >= Int8Isa::kAvx512Vnni && s.kh <= kDwMaxRows) {
-    const DwVnniWeights wv(wp, s);
+    const DwVnniWeights wv(wp, s, p);
     DepthwiseArgs a{xc.data_ptr<int8_t>(), nullptr, &s, &p, out.data_ptr(), (int64_t)out.element_size(), isa};
     at::parallel_for(0, s.N * s.OH, 1, [&](int64_t r0, int64_t r1) {
       std::vector<int8_t> mem(dw_buffer_columns(s) * kDwColumnBytes + 64);
