@@ -22,7 +22,7 @@ from pathlib import Path
 DATASET = {"seed": 0, "train": 320, "test": 80}
 COMMON = ["--batch_size", "8", "--num_workers", "1", "--eval_batch_size", "8", "--augment", "light",
           "--seed", "0", "--use_gpu", "false"]
-FP32 = ["--act_quant_type", "none", "--epoc_num", "7", "--learning_rate", "0.001", "--lr_epochs", "5",
+FP32 = ["--act_quant_type", "none", "--epoc_num", "6", "--learning_rate", "0.001", "--lr_epochs", "5",
         "--lr_decay_rates", "1,0.1"]
 QAT = {
     "abs_max": ["--act_quant_type", "abs_max", "--epoc_num", "1", "--learning_rate", "0.0001",

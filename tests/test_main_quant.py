@@ -119,7 +119,7 @@ def test_infer_on_a_real_voc_image(float_run, data_dir, tmp_path, capsys):
 
 def test_two_process_gloo_run(float_run, data_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "ssd.main_quant", *_flags(data_dir, tmp_path, "--init_model", str(float_run[0] / "last.pt"),
                                            "--act_quant_type", "range_abs_max", "--epoc_num", "1")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
