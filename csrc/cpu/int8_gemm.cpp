@@ -176,8 +176,23 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 constexpr int64_t kBlock = 16;  // Q rows per packed block (one 512-bit register of int32 lanes)
 
+// Memory for packed Q, kept by each calling thread between products: a fresh megabyte per call (the
+// weights of a 1024->1024 1x1 conv) costs hundreds of page faults, a sizeable part of the product.
+// Products above kMaxKeptBytes get their own tensor, so one huge product does not pin its memory.
+constexpr int64_t kMaxKeptBytes = 8 << 20;
+
+int8_t* packing_memory(int64_t bytes, at::Tensor& own) {
+  if (bytes > kMaxKeptBytes) {
+    own = at::empty({bytes}, at::TensorOptions().dtype(at::kChar));
+    return own.data_ptr<int8_t>();
+  }
+  thread_local std::vector<int8_t> kept;
+  if ((int64_t)kept.size() < bytes + 64) kept.resize(bytes + 64);
+  return kept.data() + (64 - reinterpret_cast<uintptr_t>(kept.data()) % 64) % 64;  // tile loads like alignment
+}
+
 struct PackedQ {
-  at::Tensor storage;  // int8 blocks, then int32 corrections
+  at::Tensor storage;  // set when the product has its own memory (see packing_memory)
   const int8_t* data = nullptr;
   const int32_t* corr = nullptr;  // 128 * sum_k Q[c][k], padded to whole blocks
   int64_t rows = 0, blocks = 0, Kp = 0;
@@ -191,8 +206,7 @@ PackedQ pack_q(Int8RowSource Q, int64_t rows, int64_t K, int64_t Kp, bool with_c
   q.blocks = (rows + kBlock - 1) / kBlock;
   q.Kp = Kp;
   const int64_t data_bytes = round_up(q.blocks * q.block_bytes(), 64);
-  q.storage = at::empty({data_bytes + q.blocks * kBlock * 4}, at::TensorOptions().dtype(at::kChar));
-  int8_t* data = q.storage.data_ptr<int8_t>();
+  int8_t* data = packing_memory(data_bytes + q.blocks * kBlock * 4, q.storage);
   int32_t* corr = reinterpret_cast<int32_t*>(data + data_bytes);
   at::parallel_for(0, q.blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<int8_t> tmp(kBlock * std::max<int64_t>(Kp, 1));
