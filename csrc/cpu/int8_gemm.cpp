@@ -398,7 +398,7 @@ void panel_portable(const PanelJob& job) {
   }
 }
 
-// --- AMX-INT8: 32 rows x 32 columns per step, tiles 0-3 accumulate, 4-5 hold P, 6-7 hold Q --------
+// --- AMX-INT8: 32 rows x 32 columns per block, tiles 0-3 accumulate, 4-5 hold P, 6-7 hold Q -------
 
 struct alignas(64) TileConfig {
   uint8_t palette_id;
@@ -431,38 +431,46 @@ constexpr auto kTileConfigs = make_tile_configs(std::make_index_sequence<17>());
 QK_TARGET_AMX void amx_begin(int64_t Kp) { _tile_loadconfig(&kTileConfigs[std::min<int64_t>(Kp, 64) / 4]); }
 QK_TARGET_AMX void amx_end() { _tile_release(); }
 
+// 32 rows x 32 columns (Q blocks blk, blk + 1 if `two`) into C (row stride ldc).
+QK_TARGET_AMX QK_INLINE void block_amx(const int8_t* A, int64_t lda, const int8_t* B0, const int8_t* B1, bool two,
+                                       int64_t kb_count, int32_t* C, int64_t ldc) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t kb = 0; kb < kb_count; ++kb) {
+    _tile_loadd(4, A + kb * 64, lda);
+    _tile_loadd(5, A + 16 * lda + kb * 64, lda);
+    _tile_loadd(6, B0 + kb * 1024, 64);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(2, 5, 6);
+    if (two) {
+      _tile_loadd(7, B1 + kb * 1024, 64);
+      _tile_dpbssd(1, 4, 7);
+      _tile_dpbssd(3, 5, 7);
+    }
+  }
+  _tile_stored(0, C, ldc * 4);
+  _tile_stored(2, C + 16 * ldc, ldc * 4);
+  if (two) {
+    _tile_stored(1, C + 16, ldc * 4);
+    _tile_stored(3, C + 16 * ldc + 16, ldc * 4);
+  }
+}
+
+// Steps of 32 rows x 64 columns (two 32x32 blocks): the epilogue then writes whole 64-byte output
+// lines of int8 at once, which the write-allocate and prefetching handle better than half lines.
 QK_TARGET_AMX void panel_amx(const PanelJob& job) {
-  alignas(64) int32_t C[32 * 32];
+  alignas(64) int32_t C[32 * 64];
   const int64_t bs = job.q->block_bytes(), kb_count = (job.Kp + 63) / 64, lda = job.lda;
-  for (int64_t blk = job.blk0; blk < job.blk1; blk += 2) {
-    const bool two = blk + 1 < job.blk1;
-    const int8_t* B0 = job.q->data + blk * bs;
-    const int8_t* B1 = two ? B0 + bs : B0;
+  for (int64_t blk = job.blk0; blk < job.blk1; blk += 4) {
+    const int64_t nblk = std::min<int64_t>(4, job.blk1 - blk);
+    const int8_t* B = job.q->data + blk * bs;
     for (int64_t r = 0; r < job.rows; r += 32) {
       const int8_t* A = job.A + r * lda;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t kb = 0; kb < kb_count; ++kb) {
-        _tile_loadd(4, A + kb * 64, lda);
-        _tile_loadd(5, A + 16 * lda + kb * 64, lda);
-        _tile_loadd(6, B0 + kb * 1024, 64);
-        _tile_dpbssd(0, 4, 6);
-        _tile_dpbssd(2, 5, 6);
-        if (two) {
-          _tile_loadd(7, B1 + kb * 1024, 64);
-          _tile_dpbssd(1, 4, 7);
-          _tile_dpbssd(3, 5, 7);
-        }
-      }
-      _tile_stored(0, C, 128);
-      _tile_stored(2, C + 16 * 32, 128);
-      if (two) {
-        _tile_stored(1, C + 16, 128);
-        _tile_stored(3, C + 16 * 32 + 16, 128);
-      }
-      job.finish(r, 32, blk, two ? 2 : 1, C, 32);
+      block_amx(A, lda, B, B + bs, nblk >= 2, kb_count, C, 64);
+      if (nblk > 2) block_amx(A, lda, B + 2 * bs, B + 3 * bs, nblk == 4, kb_count, C + 32, 64);
+      job.finish(r, 32, blk, nblk, C, 64);
     }
   }
 }
