@@ -267,28 +267,47 @@ struct DwVnniWeights {
   }
 };
 
+// One interleaved column (see below) at d.
+QK_TARGET_VNNI512_DW QK_INLINE void dw_interleave_column(const int8_t* const rows[kDwMaxRows], int64_t W, int64_t C,
+                                                        __mmask64 cm, int64_t pixels, int64_t iw, int8_t* d) {
+  const __m512i flip = _mm512_set1_epi8((char)0x80);  // x = 0 (padding) as uint8
+  __mmask64 m = 0;  // masked-off bytes load as 0 (padding) and are never read
+  for (int64_t p = 0; p < pixels; ++p)
+    if (iw + p >= 0 && iw + p < W) m |= cm << (p * C);
+  __m512i r[kDwMaxRows];
+  for (int i = 0; i < kDwMaxRows; ++i)
+    r[i] = rows[i] != nullptr ? _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, rows[i] + iw * C), flip) : flip;
+  const __m512i lo01 = _mm512_unpacklo_epi8(r[0], r[1]), hi01 = _mm512_unpackhi_epi8(r[0], r[1]);
+  const __m512i lo23 = _mm512_unpacklo_epi8(r[2], r[3]), hi23 = _mm512_unpackhi_epi8(r[2], r[3]);
+  _mm512_store_si512(d, _mm512_unpacklo_epi16(lo01, lo23));
+  _mm512_store_si512(d + 64, _mm512_unpackhi_epi16(lo01, lo23));
+  _mm512_store_si512(d + 128, _mm512_unpacklo_epi16(hi01, hi23));
+  _mm512_store_si512(d + 192, _mm512_unpackhi_epi16(hi01, hi23));
+}
+
 // Interleaves input columns iw_first .. iw_first + ncols - 1 of the rows `rows` (null: padding) for
 // the channels in `cm` into buf, kDwColumnBytes per column. With pixels > 1, "column" iw is the block
-// of pixels iw .. iw + pixels - 1, each masked off where it falls in the padding.
+// of pixels iw .. iw + pixels - 1, each masked off where it falls in the padding. With two pixels
+// (32 channels) an odd column is the upper pixel of the column before and the lower pixel of the
+// column after: 128-bit lanes 2-3 and 0-1 of theirs, one lane shuffle per vector instead of loading
+// and interleaving again. (buf then has room for ncols + 1 columns.)
 QK_TARGET_VNNI512_DW void dw_interleave_columns(const int8_t* const rows[kDwMaxRows], int64_t W, int64_t C,
                                                 __mmask64 cm, int64_t pixels, int64_t iw_first, int64_t ncols,
                                                 int8_t* buf) {
-  const __m512i flip = _mm512_set1_epi8((char)0x80);  // x = 0 (padding) as uint8
-  for (int64_t k = 0; k < ncols; ++k) {
-    const int64_t iw = iw_first + k;
-    __mmask64 m = 0;  // masked-off bytes load as 0 (padding) and are never read
-    for (int64_t p = 0; p < pixels; ++p)
-      if (iw + p >= 0 && iw + p < W) m |= cm << (p * C);
-    __m512i r[kDwMaxRows];
-    for (int i = 0; i < kDwMaxRows; ++i)
-      r[i] = rows[i] != nullptr ? _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, rows[i] + iw * C), flip) : flip;
-    const __m512i lo01 = _mm512_unpacklo_epi8(r[0], r[1]), hi01 = _mm512_unpackhi_epi8(r[0], r[1]);
-    const __m512i lo23 = _mm512_unpacklo_epi8(r[2], r[3]), hi23 = _mm512_unpackhi_epi8(r[2], r[3]);
-    int8_t* d = buf + k * kDwColumnBytes;
-    _mm512_store_si512(d, _mm512_unpacklo_epi16(lo01, lo23));
-    _mm512_store_si512(d + 64, _mm512_unpackhi_epi16(lo01, lo23));
-    _mm512_store_si512(d + 128, _mm512_unpacklo_epi16(hi01, hi23));
-    _mm512_store_si512(d + 192, _mm512_unpackhi_epi16(hi01, hi23));
+  if (pixels != 2) {
+    for (int64_t k = 0; k < ncols; ++k)
+      dw_interleave_column(rows, W, C, cm, pixels, iw_first + k, buf + k * kDwColumnBytes);
+    return;
+  }
+  for (int64_t k = 0; k < ncols + 1; k += 2)
+    dw_interleave_column(rows, W, C, cm, pixels, iw_first + k, buf + k * kDwColumnBytes);
+  for (int64_t k = 1; k < ncols; k += 2) {
+    const int8_t* before = buf + (k - 1) * kDwColumnBytes;
+    const int8_t* after = buf + (k + 1) * kDwColumnBytes;
+    for (int q = 0; q < 4; ++q)
+      _mm512_store_si512(buf + k * kDwColumnBytes + 64 * q,
+                         _mm512_shuffle_i32x4(_mm512_load_si512(before + 64 * q), _mm512_load_si512(after + 64 * q),
+                                              _MM_SHUFFLE(1, 0, 3, 2)));
   }
 }
 
@@ -363,7 +382,9 @@ QK_TARGET_VNNI512_DW void depthwise_row_vnni512(const DepthwiseArgs& a, const Dw
   }
 }
 
-int64_t dw_buffer_columns(const Int8ConvShape& s) { return (kDwSegment - 1) * s.sw + (s.kw - 1) * s.dw + 1; }
+// Columns of the interleaving buffer: those one segment of output pixels reads, plus one (see
+// dw_interleave_columns).
+int64_t dw_buffer_columns(const Int8ConvShape& s) { return (kDwSegment - 1) * s.sw + (s.kw - 1) * s.dw + 2; }
 
 template <int KIND, int ACT>
 void depthwise_vnni512_act(const DepthwiseArgs& a, const DwVnniWeights& wv, int8_t* buf, int64_t b, int64_t oh) {
