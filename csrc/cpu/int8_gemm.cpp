@@ -208,7 +208,11 @@ PackedQ pack_q(Int8RowSource Q, int64_t rows, int64_t K, int64_t Kp, bool with_c
   const int64_t data_bytes = round_up(q.blocks * q.block_bytes(), 64);
   int8_t* data = packing_memory(data_bytes + q.blocks * kBlock * 4, q.storage);
   int32_t* corr = reinterpret_cast<int32_t*>(data + data_bytes);
-  at::parallel_for(0, q.blocks, 1, [&](int64_t b0, int64_t b1) {
+  // Up to a megabyte (every MobileNet-SSD weight matrix) is packed by the calling thread: a parallel
+  // region of its own costs a second fork/join per product, and on a loaded machine each join can
+  // wait a whole scheduler slice for a descheduled thread.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(q.block_bytes(), 1));
+  at::parallel_for(0, q.blocks, grain, [&](int64_t b0, int64_t b1) {
     std::vector<int8_t> tmp(kBlock * std::max<int64_t>(Kp, 1));
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * kBlock, n = std::min(kBlock, rows - r0);
