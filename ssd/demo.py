@@ -121,8 +121,8 @@ def _markdown(results: dict, flags: dict, timings: dict, infer_image: str, plots
         "",
         "mAP: VOC 11-point AP at IoU 0.5, difficult objects ignored. Size: the saved inference model file "
         "(float32 weights for fp32 and the frozen models, int8 weights for the int8 models). Time: the "
-        "model's forward pass per image, batch 8, on this machine's CPU threads, without NMS; the "
-        "frozen models simulate quantization in float and are slower than fp32 by design.",
+        "model's forward pass per image, batch 8, on this machine's CPU threads, without NMS (the "
+        "frozen models simulate quantization in float; times are noisy when other work shares the CPU).",
         "",
         "## Runs",
         "",
