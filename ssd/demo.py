@@ -22,12 +22,13 @@ from pathlib import Path
 DATASET = {"seed": 0, "train": 320, "test": 80}
 COMMON = ["--batch_size", "8", "--num_workers", "1", "--eval_batch_size", "8", "--augment", "light",
           "--seed", "0", "--use_gpu", "false"]
-FP32 = ["--act_quant_type", "none", "--epoc_num", "6", "--learning_rate", "0.001", "--lr_epochs", "5",
+# About 10 minutes on an otherwise idle 2-core CPU (fp32 ~30 s per epoch, QAT ~37 s per epoch).
+FP32 = ["--act_quant_type", "none", "--epoc_num", "14", "--learning_rate", "0.001", "--lr_epochs", "11",
         "--lr_decay_rates", "1,0.1"]
 QAT = {
-    "abs_max": ["--act_quant_type", "abs_max", "--epoc_num", "1", "--learning_rate", "0.0001",
+    "abs_max": ["--act_quant_type", "abs_max", "--epoc_num", "2", "--learning_rate", "0.0001",
                 "--lr_epochs", "30,60", "--lr_decay_rates", "1,0.1,0.01"],
-    "range_abs_max": ["--act_quant_type", "range_abs_max", "--epoc_num", "1", "--learning_rate", "0.0001",
+    "range_abs_max": ["--act_quant_type", "range_abs_max", "--epoc_num", "2", "--learning_rate", "0.0001",
                       "--lr_epochs", "30,60", "--lr_decay_rates", "1,0.1,0.01"],
 }
 # The reference's published VOC2007-test mAPs (reference-semantics.md, section 1), for context only.
@@ -196,11 +197,11 @@ def main(argv=None) -> None:
         metrics[act], metrics[f"{act}_int8"] = tested["frozen"]["metric"], tested["int8"]["metric"]
 
     test_images = sorted((data_dir / "VOCdevkit" / "VOCsynthetic" / "JPEGImages").glob("test_*.jpg"))
-    # The demo's short training ranks detections well (mAP is rank based) but leaves the softmax scores
-    # of true detections around 0.15-0.4, so a 0.5 display threshold would draw nothing.
+    # A display threshold below the reference's 0.5: after this short training some true detections
+    # still score 0.3-0.6 (mAP, being rank based, does not depend on the threshold).
     shown = step("infer", ["--mode", "infer", "--init_model", results["range_abs_max_int8"]["path"],
                            "--image_path", str(test_images[0]), "--output_dir", str(out),
-                           "--confs_threshold", "0.15", "--data_dir", str(data_dir), "--use_gpu", "false"])
+                           "--confs_threshold", "0.3", "--data_dir", str(data_dir), "--use_gpu", "false"])
     infer_image = Path(next(iter(shown.values()))["output"]).name
 
     labels = read_label_list(data_dir / "label_list")
