@@ -5,9 +5,6 @@
 // (for int8 output) round half away from zero and saturate to [-127, 127].
 #pragma once
 
-// GCC 12 reports the _mm512_undefined_* placeholders inside its own conversion intrinsics as
-// "may be used uninitialized" in every file that vectorises with them; a known false positive.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <cstdint>
 
 #include "quant_math.h"

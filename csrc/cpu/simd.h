@@ -1,6 +1,9 @@
 // Runtime ISA dispatch for the auto-vectorised CPU loops: one body, compiled for AVX-512, AVX2 and a
 // portable baseline, picked once from what the processor reports.
 #pragma once
+// GCC 12 reports the _mm512_undefined_* placeholders inside its own conversion intrinsics as
+// "may be used uninitialized" in every file that vectorises with them; a known false positive.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
 #include <cstdint>
