@@ -19,8 +19,8 @@ from torch import nn
 from .nn.bn_fold import FoldedBatchNorm2d, can_fold
 from .nn.frozen_layers import FrozenConv2d, FrozenLinear
 from .nn.quant_layers import QuantConv2d, QuantLinear
-from .nn.quantizers import (ACTIVATION_QUANTIZE_TYPES, WEIGHT_QUANTIZE_TYPES, FakeQuantWeight, check_bits,
-                            check_ste, make_activation_quantizer)
+from .nn.quantizers import ACTIVATION_QUANTIZE_TYPES, WEIGHT_QUANTIZE_TYPES, FakeQuantWeight, make_activation_quantizer
+from .ops.fake_quant import check_bits, check_ste
 
 _TRANSPILED = (QuantConv2d, QuantLinear, FrozenConv2d, FrozenLinear)
 

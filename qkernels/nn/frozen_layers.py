@@ -10,9 +10,10 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..ops.fake_quant import bin_count
 from .bn_fold import bn_factor, folded_bias
 from .quant_layers import QuantConv2d, QuantLinear
-from .quantizers import ActivationQuantizer, bin_count
+from .quantizers import ActivationQuantizer
 
 
 class _Frozen(nn.Module):

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .. import ops as qk
-from .quantizers import bin_count
+from ..ops.fake_quant import bin_count
 
 ACTIVATIONS = (None, "relu", "relu6")
 

@@ -21,27 +21,11 @@ import torch
 from torch import nn
 
 from .. import ops as qk
-from ..ops.fake_quant import STE_MODES
+from ..ops.fake_quant import bin_count, check_bits, check_ste
 
 ACTIVATION_QUANTIZE_TYPES = ("abs_max", "range_abs_max", "moving_average_abs_max")
 WEIGHT_QUANTIZE_TYPES = ("abs_max", "channel_wise_abs_max")
 STATIC_ACTIVATION_TYPES = ("range_abs_max", "moving_average_abs_max")
-
-
-def bin_count(bits: int) -> int:
-    return 2 ** (bits - 1) - 1
-
-
-def check_bits(bits, what: str = "bits") -> int:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
-        raise ValueError("qkernels: %s must be an int in [2, 16], got %r" % (what, bits))
-    return bits
-
-
-def check_ste(ste) -> str:
-    if ste not in STE_MODES:
-        raise ValueError("qkernels: ste must be one of %s, got %r" % (STE_MODES, ste))
-    return ste
 
 
 def _world_size() -> int:

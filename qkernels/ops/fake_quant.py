@@ -18,15 +18,25 @@ from .._library import check_backend, check_same_device, ops
 STE_MODES = ("identity", "clip")
 
 
-def _clip_grad_flag(ste: str) -> bool:
+def bin_count(bits: int) -> int:
+    """Largest code of a signed `bits`-bit quantizer: 2**(bits-1) - 1 (127 for 8 bits)."""
+    return 2 ** (bits - 1) - 1
+
+
+def check_bits(bits, what: str = "bits") -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
+        raise ValueError("qkernels: %s must be an int in [2, 16], got %r" % (what, bits))
+    return bits
+
+
+def check_ste(ste) -> str:
     if ste not in STE_MODES:
         raise ValueError("qkernels: ste must be one of %s, got %r" % (STE_MODES, ste))
-    return ste == "clip"
+    return ste
 
 
-def _check_bits(bits: int) -> None:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
-        raise ValueError("qkernels: bits must be an int in [2, 16], got %r" % (bits,))
+def _clip_grad_flag(ste: str) -> bool:
+    return check_ste(ste) == "clip"
 
 
 def _check_input(x: torch.Tensor) -> None:
@@ -49,14 +59,14 @@ def abs_max(x: torch.Tensor) -> torch.Tensor:
 def fake_quant_abs_max(x: torch.Tensor, bits: int = 8, ste: str = "identity") -> Tuple[torch.Tensor, torch.Tensor]:
     """Dynamic (``abs_max``) fake quantization: returns ``(out, scale)`` with ``scale = max|x|``."""
     _check_input(x)
-    _check_bits(bits)
+    check_bits(bits)
     return ops.fake_quant_abs_max(x, bits, _clip_grad_flag(ste))
 
 
 def quantize_abs_max(x: torch.Tensor, bits: int = 8) -> Tuple[torch.Tensor, torch.Tensor]:
     """Integer codes (int8, or int16 above 8 bits) and the scale ``max|x|``."""
     _check_input(x)
-    _check_bits(bits)
+    check_bits(bits)
     return ops.quantize_abs_max(x, bits)
 
 
@@ -69,7 +79,7 @@ def _as_scale(scale, like: torch.Tensor) -> torch.Tensor:
 def fake_quant_with_scale(x: torch.Tensor, scale, bits: int = 8, ste: str = "identity") -> torch.Tensor:
     """Fake quantization with a given scale (a float or a one-element float32 tensor): static use."""
     _check_input(x)
-    _check_bits(bits)
+    check_bits(bits)
     scale = _as_scale(scale, x)
     check_same_device(x, scale=scale)
     return ops.fake_quant_with_scale(x, scale, bits, _clip_grad_flag(ste))
@@ -78,7 +88,7 @@ def fake_quant_with_scale(x: torch.Tensor, scale, bits: int = 8, ste: str = "ide
 def quantize_with_scale(x: torch.Tensor, scale, bits: int = 8) -> torch.Tensor:
     """Integer codes of x for a given scale."""
     _check_input(x)
-    _check_bits(bits)
+    check_bits(bits)
     scale = _as_scale(scale, x)
     check_same_device(x, scale=scale)
     return ops.quantize_with_scale(x, scale, bits)
@@ -89,14 +99,14 @@ def fake_channel_wise_quant_abs_max(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One scale per slice along ``axis`` (0 for conv and PyTorch linear weights): ``(out, scales)``."""
     _check_input(x)
-    _check_bits(bits)
+    check_bits(bits)
     return ops.fake_channel_wise_quant_abs_max(x, bits, axis, _clip_grad_flag(ste))
 
 
 def quantize_channel_wise_abs_max(x: torch.Tensor, bits: int = 8, axis: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-channel integer codes and scales."""
     _check_input(x)
-    _check_bits(bits)
+    check_bits(bits)
     return ops.quantize_channel_wise_abs_max(x, bits, axis)
 
 
