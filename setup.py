@@ -74,7 +74,7 @@ def make_extension():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
     from torch.utils import cpp_extension
 
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     depends = sorted(glob.glob("csrc/**/*.h", recursive=True))
     # -fno-trapping-math lets GCC vectorise the clamp/round selects (no op relies on FP exceptions).
     cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]

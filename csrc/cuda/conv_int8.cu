@@ -1,7 +1,7 @@
 // CUDA kernels of conv2d_int8 and linear_int8. Deliberately simple (they could not be run where they
 // were written): an implicit-GEMM kernel over NHWC patches with __dp4a for every conv and for linear
 // (a linear layer is a 1x1 conv over [M, 1, 1, K]), and a direct kernel for depthwise convs. The
-// epilogue is the one of the CPU kernels (int8_gemm.h, quant_math.h): fma(float(acc), scale, bias),
+// epilogue is the one of the CPU kernels (int8_common.h, quant_math.h): fma(float(acc), scale, bias),
 // activation, then round half away and saturate for int8 output, so CPU and GPU agree bit for bit.
 // Scales and biases are read on the device: nothing here synchronises with the host.
 #include <ATen/core/Tensor.h>
@@ -11,7 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "cpu/int8_gemm.h"
+#include "int8_common.h"
 #include "quant_math.h"
 
 namespace qkernels {
