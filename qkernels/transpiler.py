@@ -319,6 +319,10 @@ class QuantizeTranspiler:
                     needs_rewrite = needs_rewrite or not swappable
             ends.append((f, new, end, name))
 
+        by_quantizer: Dict[int, List[str]] = {}
+        for f in frozen:
+            by_quantizer.setdefault(id(f.input_quantizer), []).append(names[id(f)])
+        summary.shared_inputs = [tuple(g) for g in by_quantizer.values() if len(g) > 1]
         for f, new, end, name in ends:
             why = self._chain(graph, new, end, int8, names)
             if why is None:
