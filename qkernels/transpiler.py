@@ -340,8 +340,8 @@ class QuantizeTranspiler:
                                 "from its graph" % type(model).__name__)
         self.summary = summary
         if not graph.traced:
-            _warn_fallback("convert_to_int8", model, graph, "left in float: %s" % ", ".join(
-                "%d %s" % (n, k) for k, n in sorted(summary.float_ops.items())))
+            _warn_fallback("convert_to_int8", model, graph, "left in float: %s (modules; functional calls unknown)"
+                           % ", ".join("%d %s" % (n, k) for k, n in sorted(summary.float_ops.items())))
         return model
 
     @staticmethod

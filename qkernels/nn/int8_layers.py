@@ -34,6 +34,11 @@ from ..ops.fake_quant import bin_count
 ACTIVATIONS = (None, "relu", "relu6")
 
 
+def _refresh_after_load(module: "_Int8Layer", _incompatible_keys) -> None:
+    # A named function, not a lambda, so that whole int8 models can be pickled (torch.save(model)).
+    module.refresh()
+
+
 class _Int8Layer(nn.Module):
     def _init_common(self, frozen, weight_storage: str):
         quantizer = frozen.input_quantizer
@@ -51,7 +56,7 @@ class _Int8Layer(nn.Module):
         self.register_buffer("output_scale", None)
         self.register_buffer("_epilogue_scale", None, persistent=False)
         self.register_buffer("_epilogue_bias", None, persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, _incompatible: module.refresh())
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     # --- structure set by the transpiler ----------------------------------------------------------
 
