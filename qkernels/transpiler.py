@@ -91,6 +91,22 @@ def _replace_modules(model: nn.Module, replacements: Dict[int, nn.Module]) -> No
     visit(model)
 
 
+def _float_layers(model: nn.Module) -> List[nn.Module]:
+    """The Conv2d / Linear modules to swap, each once; not those inside nn.MultiheadAttention, whose
+    forward reads its projection weights directly."""
+    found: Dict[int, nn.Module] = {}
+
+    def visit(module: nn.Module):
+        for child in module.children():
+            if isinstance(child, _FLOAT_LAYERS):
+                found.setdefault(id(child), child)
+            elif not isinstance(child, nn.MultiheadAttention):
+                visit(child)
+
+    visit(model)
+    return list(found.values())
+
+
 def _listing(names: List[str]) -> str:
     if not names:
         return "none"
@@ -172,7 +188,7 @@ class QuantizeTranspiler:
         graph = qg.trace(model, inputs)
         names = _names(model)
         summary = qg.TranspileSummary("training_transpile", type(model).__name__, graph.source, graph.failure)
-        layers = [m for m in model.modules() if isinstance(m, _FLOAT_LAYERS)]
+        layers = _float_layers(model)
 
         folds: Dict[int, nn.BatchNorm2d] = {}
         if self.fold_bn:

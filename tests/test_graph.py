@@ -451,3 +451,12 @@ def test_mobilenet_ssd_with_example_inputs_shares_head_inputs_and_chains_them():
     # every body and extra conv writes int8 codes, the feature maps' included; the 12 heads write floats
     assert len(s.chained) == 35 and all("heads" in layer for layer, _ in s.not_chained)
     check_int8_against_frozen(frozen, int8, s, x)
+
+
+def test_multihead_attention_projections_are_left_alone():
+    model = nn.Sequential(nn.Linear(8, 8))
+    model.attn = nn.MultiheadAttention(8, 2)
+    t = QuantizeTranspiler()
+    t.training_transpile(model)
+    assert isinstance(model[0], QuantLinear) and type(model.attn.out_proj) is not QuantLinear
+    assert [name for name, _, _ in t.summary.swapped] == ["0"]
