@@ -347,10 +347,15 @@ class QuantizeTranspiler:
             else:
                 summary.not_chained.append((name, why))
 
+        # Once the graph changes anyway, a ReLU after a residual add is fused into the (float) add too.
+        add_relus = qg.add_relu_pairs(graph) if needs_rewrite else []
+        for add, relu in add_relus:
+            summary.fused_adds.append((add.target, qg.describe(relu)))
+            fused_nodes.add(id(relu))
         _replace_modules(model, replacements)
         self._float_ops(graph, summary, fused_nodes, replacements, model)
         if needs_rewrite:
-            model = qg.drop_calls(model, graph, dropped)
+            model = qg.drop_calls(model, graph, dropped, add_relus)
             summary.returned = ("a torch.fx.GraphModule (class %s) with the model's submodules under the same "
                                 "names: fused activations called elsewhere too or called as functions are gone "
                                 "from its graph" % type(model).__name__)

@@ -332,8 +332,10 @@ def test_resnet_int8_is_a_saveable_graph_module():
     assert "GraphModule" in t.summary.returned
     assert int8.layer2[0].conv1.activation == "relu"  # the module hierarchy survives, containers included
     assert type(int8.layer2) is nn.Sequential and int8.layer2[0].downsample[0].chained is False
-    relus = [n for n in int8.graph.nodes if n.op == "call_module" and n.target.endswith("relu")]
-    assert len(relus) == 4  # only the ReLUs after the residual adds are left
+    # the ReLUs after bn1 are fused into conv1, those after the residual adds into the (float) adds
+    assert not [n for n in int8.graph.nodes if n.op == "call_module" and n.target.endswith("relu")]
+    assert len([n for n in int8.graph.nodes if n.target is torch.ops.aten._add_relu.Tensor]) == 4
+    assert len(t.summary.fused_adds) == 4 and t.summary.float_ops["activations"] == 0
     # the state_dict has the frozen model's keys (int8 weights instead of codes in float, plus epilogue state)
     keys = set(int8.state_dict())
     assert {k for k in frozen_keys if k.endswith(("weight", "bias"))} <= keys
@@ -424,11 +426,12 @@ def test_summary_prints_and_serialises():
     t = QuantizeTranspiler(activation_quantize_type="range_abs_max", fold_bn=True)
     net = calibrate(t.training_transpile(make("resnet")), images("resnet"))
     text = str(t.summary)
-    assert "12 batch norms folded" in text and "3 shared inputs" in text
+    assert "12 batch norms folded" in text and "3 shared inputs (one quantizer each)" in text
     t.convert_to_int8(net)
     text = str(t.summary)
-    assert "5 activations fused, 4 layers chained" in text and "still in float: 4 activations" in text
-    assert "not fused: layer1.0.relu (ReLU): reads add" in text
+    assert "5 activations fused, 4 layers chained" in text and "still in float: 0 activations" in text
+    assert "4 ReLUs after a float add fused into it" in text and "not chained: layer1.0.conv2: its output is " \
+        "read by add" in text
     doc = json.loads(json.dumps(t.summary.to_dict()))
     assert doc["counts"]["folded"] == 12 and doc["returned"].startswith("a torch.fx.GraphModule")
 

@@ -7,7 +7,7 @@ tensors several quantized layers read, and which producers may hand int8 codes t
 - ``TranspileSummary``: what a transpiler pass found and did
 """
 from .module_graph import ModuleGraph, Node, is_leaf, module_activation, source_of, value_users  # noqa: F401
-from .patterns import (LayerChain, code_readers, describe, layer_chain, shared_input_groups,  # noqa: F401
+from .patterns import (LayerChain, add_relu_pairs, code_readers, describe, layer_chain, shared_input_groups,  # noqa: F401
                        why_not_folded, why_not_readers)
 from .rewrite import drop_calls  # noqa: F401
 from .summary import TranspileSummary  # noqa: F401

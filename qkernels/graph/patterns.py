@@ -110,3 +110,18 @@ def why_not_readers(graph: ModuleGraph, end: Node, layer_kinds) -> str:
         if graph.single_call(u.module) is not u:
             return "%s is called several times" % describe(u)
     return "its output reaches %s by another argument" % describe(users[0])
+
+
+def add_relu_pairs(graph: ModuleGraph) -> List[tuple]:
+    """(add, relu) pairs: a two-tensor ``a + b`` whose only reader is a ReLU: one fused op in float."""
+    pairs = []
+    for node in graph.nodes:
+        fx_node = node.fx_node
+        if (node.target not in ("add", "iadd") or fx_node is None or fx_node.kwargs or len(fx_node.args) != 2
+                or not all(isinstance(a, type(fx_node)) for a in fx_node.args)
+                or any(i.reads_metadata_only or i.kind != MODULE and i.target in ("size", "getitem") for i in node.inputs)):
+            continue
+        reader = _only_reader(node)
+        if reader is not None and reader.activation == "relu" and _reads(reader, node) and reader.fx_node is not None:
+            pairs.append((node, reader))
+    return pairs

@@ -5,7 +5,7 @@ The result is a ``torch.fx.GraphModule`` holding the model's own submodules unde
 ``state_dict`` keys are unchanged, stateful modules that forward never calls included), named after the
 model's class; it can be saved whole with ``torch.save`` and traced again.
 """
-from typing import Iterable
+from typing import Iterable, Tuple
 
 import torch
 from torch import nn
@@ -13,13 +13,19 @@ from torch import nn
 from .module_graph import ModuleGraph, Node
 
 
-def drop_calls(model: nn.Module, graph: ModuleGraph, nodes: Iterable[Node]) -> torch.fx.GraphModule:
+def drop_calls(model: nn.Module, graph: ModuleGraph, nodes: Iterable[Node],
+               add_relus: Iterable[Tuple[Node, Node]] = ()) -> torch.fx.GraphModule:
     """A GraphModule of ``graph`` (traced from ``model``) without the given one-input calls: their readers
-    read their input instead. It holds the model's own children (containers included) and root-level
-    parameters and buffers, so every submodule keeps its path, type and mode."""
+    read their input instead. Each (add, relu) pair of ``add_relus`` becomes one ``aten._add_relu`` (one
+    pass over memory instead of two). The GraphModule holds the model's own children (containers
+    included) and root-level parameters and buffers, so every submodule keeps its path, type and mode."""
     if not graph.rewritable:
         raise RuntimeError("qkernels: only a torch.fx graph can be rewritten (this one came from %s)" % graph.source)
     fx_graph = graph.fx_graph
+    for add, relu in add_relus:
+        add.fx_node.target = torch.ops.aten._add_relu.Tensor
+        add.fx_node.op = "call_function"
+        nodes = list(nodes) + [relu]
     for node in nodes:
         fx_node = node.fx_node
         fx_node.replace_all_uses_with(fx_node.all_input_nodes[0])

@@ -18,6 +18,7 @@ class TranspileSummary:
     folded: List[Tuple[str, str]] = field(default_factory=list)           # (layer, batch norm)
     fused: List[Tuple[str, str, str]] = field(default_factory=list)       # (layer, activation, where it was)
     chained: List[Tuple[str, Tuple[str, ...]]] = field(default_factory=list)  # (producer, layers reading its codes)
+    fused_adds: List[Tuple[str, str]] = field(default_factory=list)       # (float add, the ReLU it now applies)
     shared_inputs: List[Tuple[str, ...]] = field(default_factory=list)    # layers reading one tensor; first owns the quantizer
     not_folded: List[Tuple[str, str]] = field(default_factory=list)       # (batch norm, why)
     not_fused: List[Tuple[str, str]] = field(default_factory=list)        # (activation, why)
@@ -27,14 +28,15 @@ class TranspileSummary:
     @property
     def counts(self) -> Dict[str, int]:
         return {"swapped": len(self.swapped), "folded": len(self.folded), "fused": len(self.fused),
-                "chained": len(self.chained), "shared_inputs": len(self.shared_inputs),
+                "chained": len(self.chained), "fused_adds": len(self.fused_adds),
+                "shared_inputs": len(self.shared_inputs),
                 "not_folded": len(self.not_folded), "not_fused": len(self.not_fused),
                 "not_chained": len(self.not_chained)}
 
     def to_dict(self) -> Dict:
         return {"stage": self.stage, "model": self.model, "graph": self.graph, "trace_failure": self.trace_failure,
                 "returned": self.returned, "counts": self.counts, "swapped": self.swapped, "folded": self.folded,
-                "fused": self.fused, "chained": [(p, list(c)) for p, c in self.chained],
+                "fused": self.fused, "chained": [(p, list(c)) for p, c in self.chained], "fused_adds": self.fused_adds,
                 "shared_inputs": [list(g) for g in self.shared_inputs], "not_folded": self.not_folded,
                 "not_fused": self.not_fused, "not_chained": self.not_chained, "float_ops": self.float_ops}
 
@@ -45,8 +47,10 @@ class TranspileSummary:
             lines.append("  not traced: %s" % self.trace_failure)
         lines.append("  returned: %s" % self.returned)
         lines.append("  %d layers swapped, %d batch norms folded, %d activations fused, %d layers chained in "
-                     "int8, %d shared inputs (quantized once)" % (c["swapped"], c["folded"], c["fused"],
+                     "int8, %d shared inputs (one quantizer each)" % (c["swapped"], c["folded"], c["fused"],
                                                                    c["chained"], c["shared_inputs"]))
+        if self.fused_adds:
+            lines.append("  %d ReLUs after a float add fused into it (add_relu)" % c["fused_adds"])
         if self.float_ops:
             lines.append("  still in float: " + ", ".join("%d %s" % (n, k) for k, n in sorted(self.float_ops.items())))
         for title, rows in (("not folded", self.not_folded), ("not fused", self.not_fused),
