@@ -361,8 +361,10 @@ class QuantizeTranspiler:
                                 "from its graph" % type(model).__name__)
         self.summary = summary
         if not graph.traced:
-            _warn_fallback("convert_to_int8", model, graph, "left in float: %s (modules; functional calls unknown)"
-                           % ", ".join("%d %s" % (n, k) for k, n in sorted(summary.float_ops.items())))
+            left = [n for n, m in model.named_modules() if type(m) in (nn.BatchNorm2d, nn.ReLU, nn.ReLU6)]
+            _warn_fallback("convert_to_int8", model, graph, "left in float: %s (modules; functional calls unknown): "
+                           "%s" % (", ".join("%d %s" % (n, k) for k, n in sorted(summary.float_ops.items())),
+                                   _listing(left)))
         return model
 
     @staticmethod
