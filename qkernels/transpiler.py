@@ -298,6 +298,7 @@ class QuantizeTranspiler:
         int8: Dict[int, nn.Module] = {}
         replacements: Dict[int, nn.Module] = {}
         fused_nodes, dropped, needs_rewrite = set(), [], False
+        unfusable: Dict[int, str] = {}  # id(activation node) -> why it is not fused
         ends = []  # (frozen layer, int8 layer, node whose output the fused layer produces)
         for f in frozen:
             name = names[id(f)]
@@ -333,6 +334,10 @@ class QuantizeTranspiler:
                     summary.fused.append((name, act.activation, qg.describe(act)))
                     end = act
                     needs_rewrite = needs_rewrite or not swappable
+                else:
+                    unfusable[id(act)] = ("after %s, but removing it needs a graph rewrite (it is %s), which only "
+                                          "torch.fx graphs get" % (name, "called elsewhere too" if act.kind == MODULE
+                                                                   else "a function call"))
             ends.append((f, new, end, name))
 
         by_quantizer: Dict[int, List[str]] = {}
@@ -353,7 +358,7 @@ class QuantizeTranspiler:
             summary.fused_adds.append((add.target, qg.describe(relu)))
             fused_nodes.add(id(relu))
         _replace_modules(model, replacements)
-        self._float_ops(graph, summary, fused_nodes, replacements, model)
+        self._float_ops(graph, summary, fused_nodes, unfusable, replacements, model)
         if needs_rewrite:
             model = qg.drop_calls(model, graph, dropped, add_relus)
             summary.returned = ("a torch.fx.GraphModule (class %s) with the model's submodules under the same "
@@ -390,14 +395,15 @@ class QuantizeTranspiler:
         return None
 
     @staticmethod
-    def _float_ops(graph, summary, fused_nodes, replacements, model) -> None:
+    def _float_ops(graph, summary, fused_nodes, unfusable, replacements, model) -> None:
         """Batch norms and activations the int8 model still runs in float, and why the activations are not fused."""
         if graph.traced:
             bns = [n for n in graph.nodes if n.is_module(nn.BatchNorm2d) and id(n.module) not in replacements]
             acts = [n for n in graph.nodes if n.activation and id(n) not in fused_nodes]
             for n in acts:
                 producer = qg.source_of(n.main_input) if n.main_input is not None else None
-                summary.not_fused.append((qg.describe(n), "reads %s" % (qg.describe(producer) if producer else "nothing")))
+                why = unfusable.get(id(n)) or "reads %s" % (qg.describe(producer) if producer else "nothing")
+                summary.not_fused.append((qg.describe(n), why))
             summary.float_ops = {"batch norms": len(bns), "activations": len(acts)}
         else:  # forward is unknown: count the modules left
             summary.float_ops = {"batch norms": _count(model, nn.BatchNorm2d),
