@@ -235,6 +235,7 @@ struct Block {
   std::vector<int> order;
   int live = 0, at_barrier = 0, exited = 0;
   int bar_result = 0;
+  std::vector<unsigned> warp_waiting, warp_done;  // per warp: lanes at a warp rendezvous / exited
   std::string fault;
   std::mt19937_64 rng;
 };
@@ -393,149 +394,130 @@ bool values_equal(const WarpRequest& a, const WarpRequest& b) {
   return (a.value & m) == (b.value & m);
 }
 
-// Completes every warp rendezvous of warp `warp` whose lanes have all arrived.
-void try_release_warp(Worker& w, int warp) {
+// Completes the rendezvous that lane `l` of warp `warp` waits at, if every non-exited lane named in its
+// mask has arrived (the PTX rule). Returns whether it completed (or faulted).
+bool try_complete_warp_op(Worker& w, int warp, int l) {
   Block& b = w.block;
   const bool strict = w.run->cfg.strict;
   const int base = warp * 32, n = std::min<int>(32, (int)b.threads.size() - base);
-  const unsigned exists = n == 32 ? 0xffffffffu : ((1u << n) - 1u);
+  EmuThread& lead = b.threads[base + l];
+  const unsigned mask = lead.req.mask;
+  const unsigned waiting = b.warp_waiting[warp], done = b.warp_done[warp];
+  if (mask & ~(waiting | done)) return false;  // some lane is still running or waits at a block barrier
+  const unsigned group = mask & waiting;
+  // every lane of the group must agree on the mask and the intrinsic
+  for (int k = 0; k < n; ++k) {
+    if (!(group & (1u << k))) continue;
+    const EmuThread& t = b.threads[base + k];
+    if (t.req.mask != mask) {
+      set_fault(w, format("warp %d: lanes %d and %d call %s / %s with different masks 0x%08x and 0x%08x", warp, l, k,
+                          warp_kind_name(lead.req.kind), warp_kind_name(t.req.kind), mask, t.req.mask) +
+                       describe_waits(b));
+      return true;
+    }
+    if (t.req.kind != lead.req.kind || (strict && lead.req.kind != kSyncWarp &&
+                                        (t.site.line != lead.site.line || std::strcmp(t.site.file, lead.site.file)))) {
+      set_fault(w, format("warp %d: the lanes of mask 0x%08x meet at different warp intrinsics", warp, mask) +
+                       describe_waits(b));
+      return true;
+    }
+  }
+  const int kind = lead.req.kind;
+  // group-wide values, computed once
+  uint32_t sum = 0, all_and = 0xffffffffu, all_or = 0, all_xor = 0, lo = 0, hi = 0;
+  unsigned ballot = 0;
+  bool first = true, all_equal = true;
+  for (int k = 0; k < n; ++k) {
+    if (!(group & (1u << k))) continue;
+    const WarpRequest& r = b.threads[base + k].req;
+    const uint32_t v = (uint32_t)r.value;
+    if (r.value) ballot |= 1u << k;
+    sum += v, all_and &= v, all_or |= v, all_xor ^= v;
+    if (first) {
+      lo = hi = v;
+      first = false;
+    } else if (r.is_signed) {
+      lo = (int32_t)v < (int32_t)lo ? v : lo;
+      hi = (int32_t)v > (int32_t)hi ? v : hi;
+    } else {
+      lo = v < lo ? v : lo;
+      hi = v > hi ? v : hi;
+    }
+    if (!values_equal(r, lead.req)) all_equal = false;
+  }
+  for (int k = 0; k < n; ++k) {
+    if (!(group & (1u << k))) continue;
+    EmuThread& t = b.threads[base + k];
+    const WarpRequest& r = t.req;
+    uint64_t result = 0;
+    switch (kind) {
+      case kShflIdx:
+      case kShflUp:
+      case kShflDown:
+      case kShflXor: {
+        if (r.width < 1 || r.width > 32 || (r.width & (r.width - 1))) {
+          set_fault(w, format("warp %d lane %d: %s width %d is not a power of two in [1, 32] (%s:%d)", warp, k,
+                              warp_kind_name(kind), r.width, base_name(t.site.file), t.site.line));
+          return true;
+        }
+        const int src = shuffle_source(kind, k, r.arg, r.width);
+        if (src < 0 || src == k) {
+          result = r.value;
+        } else if (group & (1u << src)) {
+          result = b.threads[base + src].req.value;
+        } else if (strict) {
+          set_fault(w, format("warp %d lane %d: %s reads lane %d, which is not an active lane of mask 0x%08x "
+                              "(%s:%d; strict mode)",
+                              warp, k, warp_kind_name(kind), src, mask, base_name(t.site.file), t.site.line));
+          return true;
+        } else {
+          result = r.value;
+        }
+        break;
+      }
+      case kBallot: result = ballot; break;
+      case kAny: result = ballot != 0; break;
+      case kAll: result = ballot == group; break;
+      case kSyncWarp: break;
+      case kReduceAdd: result = sum; break;
+      case kReduceMin: result = lo; break;
+      case kReduceMax: result = hi; break;
+      case kReduceAnd: result = all_and; break;
+      case kReduceOr: result = all_or; break;
+      case kReduceXor: result = all_xor; break;
+      case kMatchAny: {
+        unsigned same = 0;
+        for (int q = 0; q < n; ++q)
+          if ((group & (1u << q)) && values_equal(b.threads[base + q].req, r)) same |= 1u << q;
+        result = same;
+        break;
+      }
+      case kMatchAll: result = all_equal ? group : 0u; break;
+      default:
+        set_fault(w, format("unknown warp intrinsic %d", kind));
+        return true;
+    }
+    t.result = result;
+  }
+  for (int k = 0; k < n; ++k)
+    if (group & (1u << k)) b.threads[base + k].status = Status::kRunnable;
+  b.warp_waiting[warp] &= ~group;
+  return true;
+}
+
+// After a lane exits, rendezvous that only waited for it may complete.
+void retry_warp_ops(Worker& w, int warp) {
+  Block& b = w.block;
   bool progress = true;
   while (progress && b.fault.empty()) {
     progress = false;
-    for (int l = 0; l < n; ++l) {
-      EmuThread& lead = b.threads[base + l];
-      if (lead.status != Status::kAtWarp) continue;
-      const unsigned mask = lead.req.mask;
-      unsigned group = 0;
-      bool complete = true;
-      for (int k = 0; k < n && complete; ++k) {
-        if (!(mask & (1u << k))) continue;
-        const EmuThread& t = b.threads[base + k];
-        if (t.status == Status::kAtWarp)
-          group |= 1u << k;
-        else if (t.status != Status::kDone)
-          complete = false;  // still running, or waiting at a block barrier
+    const unsigned waiting = b.warp_waiting[warp];
+    for (int l = 0; l < 32; ++l)
+      if ((waiting & (1u << l)) && try_complete_warp_op(w, warp, l)) {
+        progress = true;
+        break;
       }
-      if (!complete) continue;
-      // every non-exited lane named in the mask has arrived: check they agree, then exchange
-      for (int k = 0; k < n; ++k) {
-        if (!(group & (1u << k))) continue;
-        const EmuThread& t = b.threads[base + k];
-        if (t.req.mask != mask) {
-          set_fault(w, format("warp %d: lanes %d and %d call %s / %s with different masks 0x%08x and 0x%08x", warp, l,
-                              k, warp_kind_name(lead.req.kind), warp_kind_name(t.req.kind), mask, t.req.mask) +
-                           describe_waits(b));
-          return;
-        }
-        if (t.req.kind != lead.req.kind || (strict && lead.req.kind != kSyncWarp &&
-                                            (t.site.line != lead.site.line || std::strcmp(t.site.file, lead.site.file)))) {
-          set_fault(w, format("warp %d: the lanes of mask 0x%08x meet at different warp intrinsics", warp, mask) +
-                           describe_waits(b));
-          return;
-        }
-      }
-      const int kind = lead.req.kind;
-      uint64_t combined = 0;
-      if (kind == kReduceMin || kind == kReduceMax || kind == kReduceAnd || kind == kMatchAll) {
-        bool first = true;
-        for (int k = 0; k < n; ++k) {
-          if (!(group & (1u << k))) continue;
-          const WarpRequest& r = b.threads[base + k].req;
-          const uint32_t v = (uint32_t)r.value;
-          if (first) {
-            combined = v;
-            first = false;
-          } else if (kind == kReduceAnd) {
-            combined &= v;
-          } else if (kind == kMatchAll) {
-            if (!values_equal(r, b.threads[base + l].req)) combined = 1ull << 63;
-          } else {
-            const bool less = r.is_signed ? (int32_t)v < (int32_t)(uint32_t)combined : v < (uint32_t)combined;
-            if ((kind == kReduceMin) == less) combined = v;
-          }
-        }
-      }
-      for (int k = 0; k < n; ++k) {
-        if (!(group & (1u << k))) continue;
-        EmuThread& t = b.threads[base + k];
-        const WarpRequest& r = t.req;
-        uint64_t result = 0;
-        switch (kind) {
-          case kShflIdx:
-          case kShflUp:
-          case kShflDown:
-          case kShflXor: {
-            if (r.width < 1 || r.width > 32 || (r.width & (r.width - 1))) {
-              set_fault(w, format("warp %d lane %d: %s width %d is not a power of two in [1, 32] (%s:%d)", warp, k,
-                                  warp_kind_name(kind), r.width, base_name(t.site.file), t.site.line));
-              return;
-            }
-            const int src = shuffle_source(kind, k, r.arg, r.width);
-            if (src < 0 || src == k) {
-              result = r.value;
-            } else if (group & (1u << src)) {
-              result = b.threads[base + src].req.value;
-            } else if (strict) {
-              set_fault(w, format("warp %d lane %d: %s reads lane %d, which is not an active lane of mask 0x%08x "
-                                  "(%s:%d; strict mode)",
-                                  warp, k, warp_kind_name(kind), src, mask, base_name(t.site.file), t.site.line));
-              return;
-            } else {
-              result = r.value;
-            }
-            break;
-          }
-          case kBallot:
-          case kAny:
-          case kAll: {
-            unsigned ballot = 0;
-            for (int q = 0; q < n; ++q)
-              if ((group & (1u << q)) && b.threads[base + q].req.value) ballot |= 1u << q;
-            result = kind == kBallot ? ballot : (kind == kAny ? (ballot != 0) : (ballot == group));
-            break;
-          }
-          case kSyncWarp:
-            break;
-          case kReduceAdd:
-          case kReduceOr:
-          case kReduceXor: {
-            uint32_t acc = 0;
-            for (int q = 0; q < n; ++q) {
-              if (!(group & (1u << q))) continue;
-              const uint32_t v = (uint32_t)b.threads[base + q].req.value;
-              acc = kind == kReduceAdd ? acc + v : (kind == kReduceOr ? (acc | v) : (acc ^ v));
-            }
-            result = acc;
-            break;
-          }
-          case kReduceMin:
-          case kReduceMax:
-          case kReduceAnd:
-            result = (uint32_t)combined;
-            break;
-          case kMatchAny: {
-            unsigned same = 0;
-            for (int q = 0; q < n; ++q)
-              if ((group & (1u << q)) && values_equal(b.threads[base + q].req, r)) same |= 1u << q;
-            result = same;
-            break;
-          }
-          case kMatchAll:
-            result = (combined >> 63) ? 0u : group;
-            break;
-          default:
-            set_fault(w, format("unknown warp intrinsic %d", kind));
-            return;
-        }
-        t.result = result;
-      }
-      for (int k = 0; k < n; ++k)
-        if (group & (1u << k)) b.threads[base + k].status = Status::kRunnable;
-      progress = true;
-      break;
-    }
   }
-  (void)exists;
 }
 
 void thread_exit(Worker& w, EmuThread& t) {
@@ -543,8 +525,9 @@ void thread_exit(Worker& w, EmuThread& t) {
   t.status = Status::kDone;
   --b.live;
   ++b.exited;
+  b.warp_done[t.warp] |= 1u << t.lane;
   try_release_barrier(w);
-  try_release_warp(w, t.warp);
+  retry_warp_ops(w, t.warp);
 }
 
 void fiber_main() {
@@ -591,6 +574,8 @@ void run_block(Worker& w, const Run& run, uint3 block_idx, uint64_t block_linear
   b.rng.seed(run.cfg.seed * 0x9e3779b97f4a7c15ull + block_linear);
   b.live = nthreads;
   b.at_barrier = b.exited = b.bar_result = 0;
+  b.warp_waiting.assign((nthreads + 31) / 32, 0u);
+  b.warp_done.assign((nthreads + 31) / 32, 0u);
   b.fault.clear();
   w.run = &run;
   while (b.live > 0 && b.fault.empty()) {
@@ -723,7 +708,8 @@ uint64_t warp_collective(const WarpRequest& request) {
     me.req.mask &= exists;
   }
   me.status = Status::kAtWarp;
-  try_release_warp(w, me.warp);
+  b.warp_waiting[me.warp] |= 1u << me.lane;
+  try_complete_warp_op(w, me.warp, me.lane);
   suspend(w);
   return me.result;
 }
