@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deps-stamp
 
-.PHONY: install deps build build-cpu test test-fast test-cuda-emu demo bench clean
+.PHONY: install deps build build-cpu test test-fast test-cuda-emu demo bench sass-report clean
 
 install: build
 
@@ -37,6 +37,11 @@ test-fast: build-cpu
 
 demo: install
 	$(PY) -m ssd.demo --out demo
+
+# Registers, shared/local memory and the SASS instruction mix of every CUDA kernel, from the built
+# extension (no GPU needed): benchmarks/results/sass-sm_90.md and .json.
+sass-report: install
+	$(PY) -m benchmarks.sass_report
 
 bench: install
 	$(PY) -m benchmarks.run_all

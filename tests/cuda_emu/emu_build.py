@@ -214,7 +214,8 @@ def build_library(namespace: str, cuda_sources: Iterable[os.PathLike], *,
     cpp_extension.load(
         name=namespace,
         sources=sources,
-        extra_cflags=["-O2", "-mfma", "-ffp-contract=fast", "-Wno-unknown-pragmas",
+        # nvcc fuses a*b + c by default; so does GCC with FMA3 and -ffp-contract=fast
+        extra_cflags=["-O2"] + (["-mfma", "-ffp-contract=fast"] if host_has_fma() else []) + ["-Wno-unknown-pragmas",
                       "-include", str(EMU_DIR / "include" / "qk_emu" / "prelude.h"),
                       "-DQK_EMU_LIB=%s" % namespace],
         extra_include_paths=[str(EMU_DIR / "include"), str(CSRC), str(CSRC / "cuda")],
@@ -223,6 +224,15 @@ def build_library(namespace: str, cuda_sources: Iterable[os.PathLike], *,
         verbose=verbose,
     )
     return getattr(torch.ops, namespace)
+
+
+def host_has_fma() -> bool:
+    """Whether this processor has FMA3, which -mfma (nvcc-like contraction) needs."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " fma " in line + " " for line in f)
+    except OSError:
+        return False
 
 
 def qkernels_cuda_sources():
