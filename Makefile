@@ -8,9 +8,10 @@ VENV_LOCK := flock $(VENV)/.install.lock
 EDITABLE_STAMP := build/.editable-stamp
 # Exit 0 when .venv's qkernels is an editable install of this checkout (-I: the checkout's own files
 # must not answer for the venv).
-EDITABLE_HERE := $(PY) -I -c 'import importlib.metadata as m, json, os, sys; \
+EDITABLE_HERE := $(PY) -I -c 'import importlib.metadata as m, json, os, sys, urllib.parse as up; \
   u = json.loads(m.distribution("qkernels").read_text("direct_url.json") or "{}"); \
-  sys.exit(not (u.get("dir_info", {}).get("editable") and u.get("url") == "file://" + os.path.realpath(".")))'
+  here = os.path.realpath(up.unquote(up.urlparse(u.get("url", "")).path) or "/nonexistent"); \
+  sys.exit(not (u.get("dir_info", {}).get("editable") and here == os.path.realpath(".")))'
 
 .PHONY: install deps build build-cpu test test-fast demo bench clean
 
