@@ -2,8 +2,8 @@
 // csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA) with TORCH_LIBRARY_IMPL; Python adds
 // fake (meta) kernels and autograd in qkernels/ops/.
 #include <Python.h>
-#include <torch/headeronly/version.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <exception>
 
@@ -78,6 +78,11 @@ PyObject* build_info(PyObject*, PyObject*) {
   const char* compiler = __VERSION__;  // clang's names itself
 #else
   const char* compiler = "GCC " __VERSION__;
+#endif
+#ifndef TORCH_VERSION  // older torch headers spell only the parts
+#define QK_STR2(x) #x
+#define QK_STR(x) QK_STR2(x)
+#define TORCH_VERSION QK_STR(TORCH_VERSION_MAJOR) "." QK_STR(TORCH_VERSION_MINOR) "." QK_STR(TORCH_VERSION_PATCH)
 #endif
   // "N" hands over the references made above.
   return Py_BuildValue("{s:s,s:N,s:s,s:N,s:s}", "torch_headers", TORCH_VERSION, "cuda_runtime_headers", cuda,
