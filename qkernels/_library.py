@@ -2,8 +2,10 @@
 built for another Python, or built against another torch, read from the build record that setup.py
 writes next to it) and how to rebuild, instead of the loader's undefined-symbol traceback."""
 import importlib.machinery
+import importlib.util
 import json
 import os
+import sys
 import warnings
 
 import torch
@@ -43,17 +45,26 @@ def _release(version: str) -> str:
     return version.split("+")[0]
 
 
+def _extension_path():
+    """This package's own build of _C for this Python, or None."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(PACKAGE_DIR, "_C" + suffix)
+        if os.path.exists(path):
+            return path
+    return None
+
+
 def load_failure_message(exc: ImportError) -> str:
     """One sentence on why qkernels._C did not import, and what to do."""
     where = "the compiled kernels in %s" % PACKAGE_DIR
-    if isinstance(exc, ModuleNotFoundError) and exc.name == __package__ + "._C":
-        suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    if _extension_path() is None:
+        suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
         others = sorted(f for f in os.listdir(PACKAGE_DIR) if f.startswith("_C.") and f.endswith(".so"))
         if others:
             return "qkernels: %s were built for another Python (found %s; this Python loads _C%s); %s." % (
-                where, ", ".join(others), suffixes[0], REBUILD_HINT)
+                where, ", ".join(others), suffix, REBUILD_HINT)
         return ("qkernels: %s are not built (no qkernels/_C%s); build them with `make install` in a source "
-                "checkout or `pip install --no-build-isolation .`, or install a qkernels wheel." % (where, suffixes[0]))
+                "checkout or `pip install --no-build-isolation .`, or install a qkernels wheel." % (where, suffix))
     loader = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     mismatch = torch_mismatch(read_build_record())
     if mismatch:
@@ -62,8 +73,22 @@ def load_failure_message(exc: ImportError) -> str:
         where, loader, REBUILD_HINT)
 
 
+def _load_extension():
+    """Imports qkernels._C from this package's folder and nowhere else: with a .venv shared by checkouts,
+    the editable install's import hook would otherwise lend another checkout's build to one that has none."""
+    path = _extension_path()
+    if path is None:
+        raise ImportError("no qkernels._C in %s" % PACKAGE_DIR)
+    spec = importlib.util.spec_from_file_location(__package__ + "._C", path)
+    module = importlib.util.module_from_spec(spec)  # loads the library: registers torch.ops.qkernels.*
+    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module
+    setattr(sys.modules[__package__], "_C", module)
+    return module
+
+
 try:
-    from . import _C  # noqa: F401  (importing registers torch.ops.qkernels.*)
+    _C = _load_extension()
 except ImportError as exc:
     raise ImportError(load_failure_message(exc)) from None
 

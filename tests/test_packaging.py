@@ -142,15 +142,24 @@ def test_a_loaded_extension_for_another_torch_warns(tmp_path):
     assert proc.stdout.strip().startswith("were built against torch 1.13.1+cu117 (CUDA 11.7) but torch")
 
 
-def test_missing_or_other_python_extension_is_named(tmp_path, monkeypatch):
+def test_a_missing_extension_is_named(tmp_path):
+    """Also where .venv holds an editable install (of this checkout): its import hook must not lend that
+    build to a package folder without one."""
+    root = _package_copy(tmp_path, "none")
+    proc = _run([sys.executable, "-c", "import qkernels"], cwd=root, check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("ImportError: qkernels: the compiled kernels in"), proc.stderr
+    assert "are not built (no qkernels/_C%s)" % EXTENSION_SUFFIXES[0] in last and "make install" in last
+
+
+def test_an_extension_for_another_python_or_a_missing_library_is_named(tmp_path, monkeypatch):
     root = _package_copy(tmp_path, "none")
     monkeypatch.setattr(_library, "PACKAGE_DIR", str(root / "qkernels"))
-    missing = ModuleNotFoundError("No module named 'qkernels._C'", name="qkernels._C")
-    assert "are not built (no qkernels/_C%s)" % EXTENSION_SUFFIXES[0] in _library.load_failure_message(missing)
     (root / "qkernels" / "_C.cpython-39-x86_64-linux-gnu.so").write_text("")
-    message = _library.load_failure_message(missing)
+    message = _library.load_failure_message(ImportError("cannot import name '_C' from 'qkernels'"))
     assert "were built for another Python (found _C.cpython-39-x86_64-linux-gnu.so" in message
     # a record for this very torch: the loader's reason is passed on, with the rebuild hint
+    (root / "qkernels" / ("_C" + EXTENSION_SUFFIXES[0])).write_text("")
     monkeypatch.setattr(_library, "read_build_record", lambda: {
         "torch_version": torch.__version__, "torch_cuda_version": torch.version.cuda})
     message = _library.load_failure_message(ImportError("libcudart.so.13: cannot open shared object file"))
