@@ -40,6 +40,7 @@ from . import graph as qg
 from .graph.module_graph import MODULE
 from .nn.bn_fold import FoldedBatchNorm2d, can_fold
 from .nn.frozen_layers import FrozenConv2d, FrozenLinear
+from .nn.int8_chain import install_chain_scope
 from .nn.quant_layers import QuantConv2d, QuantLinear
 from .nn.quantizers import ACTIVATION_QUANTIZE_TYPES, WEIGHT_QUANTIZE_TYPES, FakeQuantWeight, make_activation_quantizer
 from .ops.fake_quant import check_bits, check_ste
@@ -488,6 +489,12 @@ class QuantizeTranspiler:
         self._float_ops(graph, summary, fused_nodes, unfusable, replacements, model)
         if needs_rewrite:
             model = qg.drop_calls(model, graph, dropped, add_relus)
+        if summary.chained:
+            # Codes flow only inside a call of this model (its graph decided the chaining).
+            scope = install_chain_scope(model)
+            for layer in int8.values():
+                if layer.chained:
+                    layer.chain_scope = scope
             summary.returned = ("a torch.fx.GraphModule (class %s) with the model's submodules under the same "
                                 "names: fused activations called elsewhere too or called as functions are gone "
                                 "from its graph" % type(model).__name__)
@@ -518,6 +525,8 @@ class QuantizeTranspiler:
             if scale > 6.0:
                 return "fused ReLU6 and the readers' input scale %.4g is above 6" % scale
             layer.fuse_activation("relu")
+            layer.chain_to(targets[0], float_activation="relu6")
+            return None
         layer.chain_to(targets[0])
         return None
 
