@@ -20,7 +20,7 @@ from torch import nn
 
 from .ops.onnx import onnx_translations
 
-__all__ = ["export_onnx", "fold_constant_quantize", "onnxruntime_session"]
+__all__ = ["export_onnx", "fold_constant_quantize", "onnxruntime_session", "run_onnx"]
 
 
 def _check_onnx_deps() -> None:

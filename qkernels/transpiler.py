@@ -191,7 +191,7 @@ class QuantizeTranspiler:
     - ``weight_storage``: how convert_to_int8 layers save weights in ``state_dict``: ``int8`` or ``uint8``
       (code + 128, as the reference suggested); in memory they are int8 either way.
     - ``skip_pattern``: layers kept float (see the module docstring): e.g. ``["heads"]``, ``"<first>"``,
-      ``re.compile(r"^extras\.\d+\.0$")``, ``nn.Linear`` or ``lambda name, m: m.groups > 1``.
+      ``re.compile("^extras[.][0-9]+[.]0$")``, ``nn.Linear`` or ``lambda name, m: m.groups > 1``.
     - ``layer_types``: the exact classes quantized (default nn.Conv2d, nn.Linear; list a subclass to
       quantize it, its own forward is then replaced by the plain conv / linear one).
     - ``sync_statistics`` / ``process_group``: static scales under torch.distributed: MAX-reduce each batch

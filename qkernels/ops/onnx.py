@@ -68,8 +68,8 @@ def _finite_abs_max(x, axes=None):
     op = _op()
     a = op.Abs(x)
     a = op.Where(op.LessOrEqual(a, _const(_FLT_MAX)), a, _const(0.0))
-    if axes is None:
-        return op.ReduceMax(a, keepdims=0)
+    if axes is None:  # a 0-dim scale, as the op's
+        return op.Reshape(op.ReduceMax(a, keepdims=0), _const([], np.int64))
     return op.ReduceMax(a, _const(axes, np.int64), keepdims=0)
 
 
