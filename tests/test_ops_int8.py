@@ -105,6 +105,27 @@ def test_conv_accumulator_is_exact(case, isa):
     assert torch.equal(out.double(), expected)
 
 
+# The AVX2 product picks its kernel from the operands' ranges (uint8 activations when none is negative,
+# the sign moved onto the weights when no weight is -128, int16 otherwise): every pairing, exact.
+OPERAND_RANGES = {"x >= 0, any w": ((0, 127), (-128, 127)), "x >= 0, w = -128 only": ((0, 127), (-128, -128)),
+                  "signed x, w in [-127, 127]": ((-128, 127), (-127, 127)), "signed x, any w": ((-128, 127), (-128, 127)),
+                  "x = -128 only, w = -127 only": ((-128, -128), (-127, -127))}
+
+
+@pytest.mark.parametrize("ranges", list(OPERAND_RANGES))
+@pytest.mark.parametrize("shape", [(2, 64, 7, 9, 40, 1), (1, 24, 6, 5, 20, 3), (1, 512, 3, 3, 130, 1)])
+def test_conv_operand_ranges_are_exact(ranges, shape, isa):
+    (xl, xh), (wl, wh) = OPERAND_RANGES[ranges]
+    n, c, h, w_, o, k = shape
+    gen = torch.Generator().manual_seed(c + o)
+    x = rand_int8(n, c, h, w_, low=xl, high=xh, gen=gen)
+    w = rand_int8(o, c, k, k, low=wl, high=wh, gen=gen)
+    out = qkernels.conv2d_int8(x, w, padding=k // 2, out_dtype=torch.int32)
+    assert torch.equal(out.double(), F.conv2d(x.double(), w.double(), padding=k // 2))
+    lin = qkernels.linear_int8(x.flatten(1)[:, :c], w.flatten(1)[:, :c], out_dtype=torch.int32)
+    assert torch.equal(lin.double(), x.flatten(1)[:, :c].double() @ w.flatten(1)[:, :c].double().t())
+
+
 def test_conv_extreme_values_are_exact(isa):
     # all -128: the largest products; K = 9 * 256 = 2304 products of 16384 each
     x = torch.full((1, 256, 3, 3), -128, dtype=torch.int8)
