@@ -112,6 +112,27 @@ OPERAND_RANGES = {"x >= 0, any w": ((0, 127), (-128, 127)), "x >= 0, w = -128 on
                   "x = -128 only, w = -127 only": ((-128, -128), (-127, -127))}
 
 
+DEPTHWISE_RANGE_CASES = [c for c in CONV_CASES if c[-1] == c[2] and c[-1] > 1 and c[1] > 0]
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_RANGE_CASES, ids=[c[0] for c in DEPTHWISE_RANGE_CASES])
+@pytest.mark.parametrize("negatives", ["none", "one", "all"])
+def test_depthwise_nonnegative_inputs_are_exact(case, negatives, isa):
+    """The AVX2 depthwise kernel takes x >= 0 (ReLU outputs) and recomputes rows with a negative input."""
+    gen = torch.Generator().manual_seed(hash(case[0]) % 997)
+    x, weight, kw = _conv_case(case, gen)
+    x = x.abs().clamp(max=127) if negatives != "all" else x
+    if negatives == "one":
+        x[0, -1, x.shape[2] // 2, x.shape[3] - 1] = -128
+    bias, scale = torch.randn(weight.shape[0], generator=gen), torch.rand(weight.shape[0], generator=gen) * 0.02
+    out = qkernels.conv2d_int8(x, weight, out_dtype=torch.int32, **kw)
+    assert torch.equal(out.double(), F.conv2d(x.double(), weight.double(), None, **kw))
+    out8 = qkernels.conv2d_int8(x, weight, bias, scale=scale, out_dtype=torch.int8, activation="relu", **kw)
+    _assert_int8_close(out8, ref.conv2d_int8(x, weight, bias, scale=scale, activation="relu", **kw))
+    outf = qkernels.conv2d_int8(x, weight, bias, scale=scale, **kw)
+    torch.testing.assert_close(outf.double(), ref.conv2d_int8(x, weight, bias, scale=scale, **kw), rtol=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("ranges", list(OPERAND_RANGES))
 @pytest.mark.parametrize("shape", [(2, 64, 7, 9, 40, 1), (1, 24, 6, 5, 20, 3), (1, 512, 3, 3, 130, 1)])
 def test_conv_operand_ranges_are_exact(ranges, shape, isa):

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/depthwise_avx2.h"
 #include "cpu/int8_gemm.h"
 #include "cpu/simd.h"
 
@@ -313,6 +314,11 @@ void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8Co
   for (int64_t c = 0; c < s.C; ++c)
     for (int64_t t = 0; t < s.kh * s.kw; ++t) w16[t * s.C + c] = wp[c * s.kh * s.kw + t];
   DepthwiseArgs a{xc.data_ptr<int8_t>(), w16.data(), &s, &p, out.data_ptr(), (int64_t)out.element_size(), isa};
+  if (int8isa == Int8Isa::kAvx2 && depthwise_avx2_applies(s)) {
+    depthwise_avx2(xc.data_ptr<int8_t>(), wp, s, p.scale.data(), p.bias.data(), out.data_ptr(),
+                   [&](int64_t b, int64_t oh) { depthwise_row_avx2(a, b, oh); });
+    return;
+  }
   at::parallel_for(0, s.N * s.OH, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / s.OH, oh = r % s.OH;
