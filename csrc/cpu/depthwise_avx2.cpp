@@ -28,7 +28,7 @@ constexpr int64_t kLanes = 32;     // channels per block (one 256-bit load per i
 constexpr int64_t kColumn = 128;   // bytes of one interleaved column of a block: 4 vectors
 constexpr int64_t kSegment = 64;   // output pixels per interleaving buffer (stays in L1)
 
-// Block weights [kw][4 vectors][32 bytes] in interleaved order, scale and bias in channel order.
+// Block weights [kw][4 vectors][32 bytes], scale and bias [4 vectors][8], all in interleaved order.
 struct Weights {
   std::vector<int8_t> w;
   std::vector<float> scale, bias;
@@ -38,14 +38,12 @@ struct Weights {
     w.assign(blocks * s.kw * kColumn, 0);
     scale.assign(blocks * kLanes, 0.f);
     bias.assign(blocks * kLanes, 0.f);
-    for (int64_t c = 0; c < s.C; ++c) {
-      scale[c] = sc[c];
-      bias[c] = bi[c];
-    }
     for (int64_t blk = 0; blk < blocks; ++blk)
       for (int64_t p = 0; p < kLanes; ++p) {  // p = 8q + 4L + d: vector q, lane L, dword d
         const int64_t q = p / 8, L = (p % 8) / 4, d = p % 4, c = blk * kLanes + 16 * L + 4 * q + d;
         if (c >= s.C) continue;
+        scale[blk * kLanes + p] = sc[c];
+        bias[blk * kLanes + p] = bi[c];
         for (int64_t j = 0; j < s.kw; ++j)
           for (int64_t i = 0; i < s.kh; ++i) w[((blk * s.kw + j) * 4 + q) * 32 + (4 * L + d) * 4 + i] = wp[(c * s.kh + i) * s.kw + j];
       }
@@ -61,17 +59,28 @@ QK_TARGET_AVX2 QK_INLINE __m256i load_channels(const int8_t* p, int64_t cn) {
 }
 
 // Interleaves input columns iw_first .. iw_first + ncols - 1 of `rows` (null: padding) into buf; ORs
-// every byte read into *seen (its sign bit then says whether an input was negative).
-QK_TARGET_AVX2 void interleave_columns(const int8_t* const rows[kRows], int64_t W, int64_t C, int64_t cn,
-                                       int64_t iw_first, int64_t ncols, int8_t* buf, __m256i* seen) {
+// every byte read into *seen (its sign bit then says whether an input was negative). Padding rows read
+// a zero vector with column step 0, so the interior columns need no tests.
+QK_TARGET_AVX2 QK_INLINE void interleave_columns(const int8_t* const rows[kRows], int64_t W, int64_t C, int64_t cn,
+                                                 int64_t iw_first, int64_t ncols, int8_t* buf, __m256i* seen) {
+  alignas(32) static const int8_t zeros[kLanes] = {0};
+  const int8_t* base[kRows];
+  int64_t step[kRows];
+  for (int i = 0; i < kRows; ++i) {
+    base[i] = rows[i] != nullptr ? rows[i] : zeros;
+    step[i] = rows[i] != nullptr ? C : 0;
+  }
   __m256i any = *seen;
   for (int64_t k = 0; k < ncols; ++k) {
     const int64_t iw = iw_first + k;
     __m256i r[kRows];
-    for (int i = 0; i < kRows; ++i) {
-      r[i] = rows[i] != nullptr && iw >= 0 && iw < W ? load_channels(rows[i] + iw * C, cn) : _mm256_setzero_si256();
-      any = _mm256_or_si256(any, r[i]);
+    if (iw < 0 || iw >= W || cn < kLanes) {
+      for (int i = 0; i < kRows; ++i)
+        r[i] = rows[i] != nullptr && iw >= 0 && iw < W ? load_channels(rows[i] + iw * C, cn) : _mm256_setzero_si256();
+    } else {
+      for (int i = 0; i < kRows; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base[i] + iw * step[i]));
     }
+    any = _mm256_or_si256(any, _mm256_or_si256(_mm256_or_si256(r[0], r[1]), _mm256_or_si256(r[2], r[3])));
     const __m256i lo01 = _mm256_unpacklo_epi8(r[0], r[1]), hi01 = _mm256_unpackhi_epi8(r[0], r[1]);
     const __m256i lo23 = _mm256_unpacklo_epi8(r[2], r[3]), hi23 = _mm256_unpackhi_epi8(r[2], r[3]);
     int8_t* d = buf + k * kColumn;
@@ -83,11 +92,46 @@ QK_TARGET_AVX2 void interleave_columns(const int8_t* const rows[kRows], int64_t 
   *seen = any;
 }
 
+// The epilogue of one block's accumulators, still in interleaved order (acc[q] lane L: channels
+// 16L + 4q .. + 3; scale and bias likewise), stored as cn <= 32 channels in channel order. For int8 the
+// saturating packs put the channels in order by themselves: packs(acc0, acc1) holds channels 0-7 | 16-23
+// as int16, packs(acc2, acc3) 8-15 | 24-31, and packing those two gives 0-15 | 16-31.
+template <int KIND, int ACT>
+QK_TARGET_AVX2 QK_INLINE void store_block(const __m256i acc[4], const __m256 sc[4], const __m256 bi[4], int64_t cn,
+                                         char* o) {
+  if (KIND == kOutInt8) {
+    __m256i r[4];
+    for (int q = 0; q < 4; ++q) r[q] = avx2_round8<ACT>(avx2_value8<ACT>(acc[q], sc[q], bi[q]));
+    __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+    bytes = _mm256_andnot_si256(_mm256_cmpeq_epi8(bytes, _mm256_set1_epi8(-128)), bytes);  // NaN -> 0
+    if (cn == kLanes) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), bytes);
+    } else {
+      alignas(32) int8_t t[kLanes];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(t), bytes);
+      std::memcpy(o, t, cn);
+    }
+    return;
+  }
+  // float / int32: to channel order first (a 2x2 transpose of 128-bit lanes)
+  const __m256i o0 = _mm256_permute2x128_si256(acc[0], acc[1], 0x20);  // channels 0-7
+  const __m256i o1 = _mm256_permute2x128_si256(acc[2], acc[3], 0x20);  // 8-15
+  const __m256i o2 = _mm256_permute2x128_si256(acc[0], acc[1], 0x31);  // 16-23
+  const __m256i o3 = _mm256_permute2x128_si256(acc[2], acc[3], 0x31);  // 24-31
+  const __m256 s01[2] = {_mm256_permute2f128_ps(sc[0], sc[1], 0x20), _mm256_permute2f128_ps(sc[2], sc[3], 0x20)};
+  const __m256 s23[2] = {_mm256_permute2f128_ps(sc[0], sc[1], 0x31), _mm256_permute2f128_ps(sc[2], sc[3], 0x31)};
+  const __m256 b01[2] = {_mm256_permute2f128_ps(bi[0], bi[1], 0x20), _mm256_permute2f128_ps(bi[2], bi[3], 0x20)};
+  const __m256 b23[2] = {_mm256_permute2f128_ps(bi[0], bi[1], 0x31), _mm256_permute2f128_ps(bi[2], bi[3], 0x31)};
+  epilogue16_avx2<KIND, ACT>(o0, o1, s01, b01, std::min<int64_t>(cn, 16), o);
+  if (cn > 16) epilogue16_avx2<KIND, ACT>(o2, o3, s23, b23, cn - 16, o + 16 * 4);
+}
+
 // One output row (b, oh), all channel blocks; returns false when some input was negative (the row
 // must then be recomputed).
-template <int KIND, int ACT>
+template <int KIND, int ACT, int KW>
 QK_TARGET_AVX2 bool depthwise_row(const int8_t* x, const Weights& wv, const Int8ConvShape& s, void* out, int8_t* buf,
                                   int64_t b, int64_t oh) {
+  const int64_t kw = KW > 0 ? KW : s.kw;
   const int64_t esize = KIND == kOutInt8 ? 1 : 4;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i seen = _mm256_setzero_si256();
@@ -98,7 +142,7 @@ QK_TARGET_AVX2 bool depthwise_row(const int8_t* x, const Weights& wv, const Int8
       const int64_t ih = oh * s.sh - s.ph + i * s.dh;
       rows[i] = i < s.kh && ih >= 0 && ih < s.H ? x + (b * s.H + ih) * s.W * s.C + c0 : nullptr;
     }
-    const int8_t* wblk = wv.w.data() + blk * s.kw * kColumn;
+    const int8_t* wblk = wv.w.data() + blk * kw * kColumn;
     __m256 sc[4], bi[4];
     for (int v = 0; v < 4; ++v) {
       sc[v] = _mm256_loadu_ps(wv.scale.data() + c0 + 8 * v);
@@ -106,12 +150,13 @@ QK_TARGET_AVX2 bool depthwise_row(const int8_t* x, const Weights& wv, const Int8
     }
     for (int64_t ow0 = 0; ow0 < s.OW; ow0 += kSegment) {
       const int64_t n = std::min(kSegment, s.OW - ow0);
-      interleave_columns(rows, s.W, s.C, cn, ow0 * s.sw - s.pw, (n - 1) * s.sw + (s.kw - 1) * s.dw + 1, buf, &seen);
+      interleave_columns(rows, s.W, s.C, cn, ow0 * s.sw - s.pw, (n - 1) * s.sw + (kw - 1) * s.dw + 1, buf, &seen);
       for (int64_t u = 0; u < n; ++u) {
         __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                           _mm256_setzero_si256()};
         const int8_t* col = buf + u * s.sw * kColumn;
-        for (int64_t j = 0; j < s.kw; ++j) {
+#pragma GCC unroll 4
+        for (int64_t j = 0; j < kw; ++j) {
           const int8_t* cj = col + j * s.dw * kColumn;
           const int8_t* wj = wblk + j * kColumn;
 #pragma GCC unroll 4
@@ -121,27 +166,28 @@ QK_TARGET_AVX2 bool depthwise_row(const int8_t* x, const Weights& wv, const Int8
             acc[q] = _mm256_add_epi32(acc[q], _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w), ones));
           }
         }
-        // channel order: vector q lane L holds channels 16L + 4q .. 16L + 4q + 3
-        const __m256i o0 = _mm256_permute2x128_si256(acc[0], acc[1], 0x20);  // channels 0-7
-        const __m256i o1 = _mm256_permute2x128_si256(acc[2], acc[3], 0x20);  // 8-15
-        const __m256i o2 = _mm256_permute2x128_si256(acc[0], acc[1], 0x31);  // 16-23
-        const __m256i o3 = _mm256_permute2x128_si256(acc[2], acc[3], 0x31);  // 24-31
         char* o = static_cast<char*>(out) + (((b * s.OH + oh) * s.OW + ow0 + u) * s.C + c0) * esize;
-        epilogue16_avx2<KIND, ACT>(o0, o1, sc, bi, std::min<int64_t>(cn, 16), o);
-        if (cn > 16) epilogue16_avx2<KIND, ACT>(o2, o3, sc + 2, bi + 2, cn - 16, o + 16 * esize);
+        store_block<KIND, ACT>(acc, sc, bi, cn, o);
       }
     }
   }
   return _mm256_movemask_epi8(seen) == 0;
 }
 
+template <int KIND, int ACT>
+bool depthwise_row_act(const int8_t* x, const Weights& wv, const Int8ConvShape& s, void* out, int8_t* buf, int64_t b,
+                       int64_t oh) {
+  if (s.kw == 3) return depthwise_row<KIND, ACT, 3>(x, wv, s, out, buf, b, oh);
+  return depthwise_row<KIND, ACT, 0>(x, wv, s, out, buf, b, oh);
+}
+
 template <int KIND>
 bool depthwise_row_kind(const int8_t* x, const Weights& wv, const Int8ConvShape& s, void* out, int8_t* buf, int64_t b,
                         int64_t oh) {
   switch (s.act) {
-    case kActRelu: return depthwise_row<KIND, kActRelu>(x, wv, s, out, buf, b, oh);
-    case kActRelu6: return depthwise_row<KIND, kActRelu6>(x, wv, s, out, buf, b, oh);
-    default: return depthwise_row<KIND, kActNone>(x, wv, s, out, buf, b, oh);
+    case kActRelu: return depthwise_row_act<KIND, kActRelu>(x, wv, s, out, buf, b, oh);
+    case kActRelu6: return depthwise_row_act<KIND, kActRelu6>(x, wv, s, out, buf, b, oh);
+    default: return depthwise_row_act<KIND, kActNone>(x, wv, s, out, buf, b, oh);
   }
 }
 
