@@ -386,6 +386,44 @@ def test_conv_matches_torch_ao_quantized(case):
     assert (diff == 0).double().mean() > 0.97
 
 
+# --- weights packed once -----------------------------------------------------------------------------
+
+PACKED_CASES = [c for c in CONV_CASES if c[0] in ("stem 3->32 s2", "pw 32->64", "pw 512->512", "head box 512->12",
+                                                  "extra 3x3 64->128 s2 2->1", "groups 2", "dw64 s2", "empty batch")]
+
+
+@pytest.mark.parametrize("case", PACKED_CASES, ids=[c[0] for c in PACKED_CASES])
+def test_conv_packed_equals_conv(case, isa):
+    gen = torch.Generator().manual_seed(41)
+    x, weight, kw = _conv_case(case, gen)
+    x = x.abs().clamp(max=127) if case[0].startswith("pw") else x  # also the uint8 kernels
+    packed = qkernels.pack_conv2d_int8_weight(weight, kw["groups"])
+    assert packed.dtype == torch.int8 and packed.dim() == 1
+    o = weight.shape[0]
+    bias, scale = torch.randn(o, generator=gen), torch.rand(o, generator=gen) * 0.01
+    for out_dtype, b, sc, act in ((torch.int32, None, 1.0, None), (torch.int8, bias, scale, "relu"),
+                                  (torch.float32, bias, scale, None)):
+        want = qkernels.conv2d_int8(x, weight, b, scale=sc, out_dtype=out_dtype, activation=act, **kw)
+        got = qkernels.conv2d_int8_packed(x, weight, packed, b, scale=sc, out_dtype=out_dtype, activation=act, **kw)
+        assert torch.equal(got, want)
+
+
+def test_conv_packed_blob_that_does_not_fit_is_ignored(monkeypatch):
+    gen = torch.Generator().manual_seed(42)
+    x, w = rand_int8(2, 32, 5, 5, gen=gen), rand_int8(48, 32, 1, 1, gen=gen)
+    want = qkernels.conv2d_int8(x, w, out_dtype=torch.int32)
+    other = qkernels.pack_conv2d_int8_weight(rand_int8(40, 32, 1, 1, gen=gen))  # another shape
+    for blob in (other, torch.zeros(0, dtype=torch.int8), torch.full((300,), 7, dtype=torch.int8)):
+        assert torch.equal(qkernels.conv2d_int8_packed(x, w, blob, out_dtype=torch.int32), want)
+    packed = qkernels.pack_conv2d_int8_weight(w)
+    monkeypatch.setenv("QKERNELS_INT8_ISA", "portable")  # packed for another instruction set
+    assert torch.equal(qkernels.conv2d_int8_packed(x, w, packed, out_dtype=torch.int32), want)
+    with pytest.raises(RuntimeError, match="groups"):
+        qkernels.pack_conv2d_int8_weight(w, 5)
+    with pytest.raises(RuntimeError, match="int8 weight"):
+        qkernels.pack_conv2d_int8_weight(w.float())
+
+
 # --- opcheck, CUDA ----------------------------------------------------------------------------------
 
 def _opcheck_samples(device):
@@ -409,6 +447,8 @@ def test_opcheck(device):
     conv, lin = _opcheck_samples(device)
     for args in conv:
         torch.library.opcheck(ops.conv2d_int8, args)
+        packed = ops.pack_conv2d_int8_weight(args[1], args[6])
+        torch.library.opcheck(ops.conv2d_int8_packed, (args[0], args[1], packed) + args[2:])
     for args in lin:
         torch.library.opcheck(ops.linear_int8, args)
 
