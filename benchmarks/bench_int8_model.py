@@ -105,7 +105,7 @@ def build_ours(model, calib, kind: str):
     with torch.no_grad():
         for images in calib:
             qat(images)
-    return t.convert_to_int8(qat.eval())
+    return t.convert_to_int8(qat.eval(), example_inputs=(calib[0],))
 
 
 def build_torch_ao(model, calib):

@@ -210,11 +210,15 @@ class QuantizeTranspiler:
 
     # --- int8 ---------------------------------------------------------------------------------------
 
-    def convert_to_int8(self, model: nn.Module) -> nn.Module:
+    def convert_to_int8(self, model: nn.Module, example_inputs=None) -> nn.Module:
         """Swap the frozen (or still training-form: they are frozen first) layers for Int8Conv2d / Int8Linear,
         in place; returns ``model``. In a plain nn.Sequential, a BatchNorm2d right after a conv is folded
         into the epilogue and a following ReLU / ReLU6 fused (both become nn.Identity), and a layer whose
         next layer has a static 8-bit input scale writes that layer's int8 codes directly.
+
+        With ``example_inputs`` (a tuple of model inputs), one traced forward also chains the layers whose output
+        several int8 layers read with one static scale (e.g. a feature map read by the next block and the
+        heads; see qkernels/int8_fusion.py).
 
         To load a saved int8 state_dict: ``convert_to_int8(training_transpile(fresh float model))`` with the
         same transpiler settings, then ``load_state_dict``."""
@@ -256,6 +260,9 @@ class QuantizeTranspiler:
 
         _swap_children(model, swap, {})
         _chain_int8_layers(model, (Int8Conv2d, Int8Linear))
+        if example_inputs is not None:
+            from .int8_fusion import chain_shared_outputs
+            chain_shared_outputs(model, tuple(example_inputs), (Int8Conv2d, Int8Linear))
         return model
 
     @staticmethod
