@@ -29,13 +29,16 @@ constexpr int64_t kColumn = 128;   // bytes of one interleaved column of a block
 constexpr int64_t kSegment = 64;   // output pixels per interleaving buffer (stays in L1)
 
 // Block weights [kw][4 vectors][32 bytes], scale and bias [4 vectors][8], all in interleaved order.
+// w_next: the same weights one kernel row down (dword bytes [0, w0, w1, w2]), for the second of two output
+// rows computed from one interleaving of four input rows (stride 1, kernels up to 3 rows).
 struct Weights {
-  std::vector<int8_t> w;
+  std::vector<int8_t> w, w_next;
   std::vector<float> scale, bias;
   int64_t blocks;
   Weights(const int8_t* wp, const Int8ConvShape& s, const float* sc, const float* bi) {
     blocks = (s.C + kLanes - 1) / kLanes;
     w.assign(blocks * s.kw * kColumn, 0);
+    w_next.assign(blocks * s.kw * kColumn, 0);
     scale.assign(blocks * kLanes, 0.f);
     bias.assign(blocks * kLanes, 0.f);
     for (int64_t blk = 0; blk < blocks; ++blk)
@@ -45,7 +48,11 @@ struct Weights {
         scale[blk * kLanes + p] = sc[c];
         bias[blk * kLanes + p] = bi[c];
         for (int64_t j = 0; j < s.kw; ++j)
-          for (int64_t i = 0; i < s.kh; ++i) w[((blk * s.kw + j) * 4 + q) * 32 + (4 * L + d) * 4 + i] = wp[(c * s.kh + i) * s.kw + j];
+          for (int64_t i = 0; i < s.kh; ++i) {
+            const int64_t at = ((blk * s.kw + j) * 4 + q) * 32 + (4 * L + d) * 4 + i;
+            w[at] = wp[(c * s.kh + i) * s.kw + j];
+            if (i + 1 < kRows) w_next[at + 1] = w[at];
+          }
       }
   }
 };
@@ -128,10 +135,15 @@ QK_TARGET_AVX2 QK_INLINE void store_block(const __m256i acc[4], const __m256 sc[
 
 // One output row (b, oh), all channel blocks; returns false when some input was negative (the row
 // must then be recomputed).
-template <int KIND, int ACT, int KW>
+bool pairs_rows(const Int8ConvShape& s) { return s.sh == 1 && s.dh == 1 && s.kh < kRows; }
+
+// PAIR: output rows oh and oh + 1 (if there is one) from one interleaving of input rows oh - ph .. oh - ph + 3
+// (stride 1, undilated, kh <= 3), the second with w_next: half the interleaving work per output row.
+template <int KIND, int ACT, int KW, bool PAIR>
 QK_TARGET_AVX2 bool depthwise_row(const int8_t* x, const Weights& wv, const Int8ConvShape& s, void* out, int8_t* buf,
                                   int64_t b, int64_t oh) {
   const int64_t kw = KW > 0 ? KW : s.kw;
+  const bool second = PAIR && oh + 1 < s.OH;
   const int64_t esize = KIND == kOutInt8 ? 1 : 4;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i seen = _mm256_setzero_si256();
@@ -140,9 +152,10 @@ QK_TARGET_AVX2 bool depthwise_row(const int8_t* x, const Weights& wv, const Int8
     const int8_t* rows[kRows];
     for (int64_t i = 0; i < kRows; ++i) {
       const int64_t ih = oh * s.sh - s.ph + i * s.dh;
-      rows[i] = i < s.kh && ih >= 0 && ih < s.H ? x + (b * s.H + ih) * s.W * s.C + c0 : nullptr;
+      rows[i] = i < s.kh + (PAIR ? 1 : 0) && ih >= 0 && ih < s.H ? x + (b * s.H + ih) * s.W * s.C + c0 : nullptr;
     }
     const int8_t* wblk = wv.w.data() + blk * kw * kColumn;
+    const int8_t* wblk_next = wv.w_next.data() + blk * kw * kColumn;
     __m256 sc[4], bi[4];
     for (int v = 0; v < 4; ++v) {
       sc[v] = _mm256_loadu_ps(wv.scale.data() + c0 + 8 * v);
@@ -152,22 +165,28 @@ QK_TARGET_AVX2 bool depthwise_row(const int8_t* x, const Weights& wv, const Int8
       const int64_t n = std::min(kSegment, s.OW - ow0);
       interleave_columns(rows, s.W, s.C, cn, ow0 * s.sw - s.pw, (n - 1) * s.sw + (kw - 1) * s.dw + 1, buf, &seen);
       for (int64_t u = 0; u < n; ++u) {
-        __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                          _mm256_setzero_si256()};
+        __m256i acc[4], acc2[4];
+        for (int q = 0; q < 4; ++q) acc[q] = acc2[q] = _mm256_setzero_si256();
         const int8_t* col = buf + u * s.sw * kColumn;
 #pragma GCC unroll 4
         for (int64_t j = 0; j < kw; ++j) {
           const int8_t* cj = col + j * s.dw * kColumn;
           const int8_t* wj = wblk + j * kColumn;
+          const int8_t* wj2 = wblk_next + j * kColumn;
 #pragma GCC unroll 4
           for (int q = 0; q < 4; ++q) {
             const __m256i xv = _mm256_load_si256(reinterpret_cast<const __m256i*>(cj + 32 * q));
             const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wj + 32 * q));
             acc[q] = _mm256_add_epi32(acc[q], _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w), ones));
+            if (PAIR) {
+              const __m256i w2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wj2 + 32 * q));
+              acc2[q] = _mm256_add_epi32(acc2[q], _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w2), ones));
+            }
           }
         }
         char* o = static_cast<char*>(out) + (((b * s.OH + oh) * s.OW + ow0 + u) * s.C + c0) * esize;
         store_block<KIND, ACT>(acc, sc, bi, cn, o);
+        if (second) store_block<KIND, ACT>(acc2, sc, bi, cn, o + s.OW * s.C * esize);
       }
     }
   }
@@ -177,8 +196,12 @@ QK_TARGET_AVX2 bool depthwise_row(const int8_t* x, const Weights& wv, const Int8
 template <int KIND, int ACT>
 bool depthwise_row_act(const int8_t* x, const Weights& wv, const Int8ConvShape& s, void* out, int8_t* buf, int64_t b,
                        int64_t oh) {
-  if (s.kw == 3) return depthwise_row<KIND, ACT, 3>(x, wv, s, out, buf, b, oh);
-  return depthwise_row<KIND, ACT, 0>(x, wv, s, out, buf, b, oh);
+  if (pairs_rows(s)) {
+    if (s.kw == 3) return depthwise_row<KIND, ACT, 3, true>(x, wv, s, out, buf, b, oh);
+    return depthwise_row<KIND, ACT, 0, true>(x, wv, s, out, buf, b, oh);
+  }
+  if (s.kw == 3) return depthwise_row<KIND, ACT, 3, false>(x, wv, s, out, buf, b, oh);
+  return depthwise_row<KIND, ACT, 0, false>(x, wv, s, out, buf, b, oh);
 }
 
 template <int KIND>
@@ -208,11 +231,15 @@ void depthwise_avx2(const int8_t* x, const int8_t* w, const Int8ConvShape& s, co
                     void* out, DepthwiseRowFallback fallback) {
   const Weights wv(w, s, scale, bias);
   const int64_t ncols = (kSegment - 1) * s.sw + (s.kw - 1) * s.dw + 1;
-  at::parallel_for(0, s.N * s.OH, 1, [&](int64_t r0, int64_t r1) {
+  const int64_t step = pairs_rows(s) ? 2 : 1, per_image = (s.OH + step - 1) / step;
+  at::parallel_for(0, s.N * per_image, 1, [&](int64_t r0, int64_t r1) {
     std::vector<int8_t> mem(ncols * kColumn + 32);
     int8_t* buf = mem.data() + (32 - reinterpret_cast<uintptr_t>(mem.data()) % 32) % 32;
-    for (int64_t r = r0; r < r1; ++r)
-      if (!depthwise_row_any(x, wv, s, out, buf, r / s.OH, r % s.OH)) fallback(r / s.OH, r % s.OH);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / per_image, oh = (r % per_image) * step;
+      if (!depthwise_row_any(x, wv, s, out, buf, b, oh))
+        for (int64_t o = oh; o < std::min(oh + step, s.OH); ++o) fallback(b, o);
+    }
   });
 }
 
