@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deps-stamp
 
-.PHONY: install deps build build-cpu test test-fast demo bench clean
+.PHONY: install deps build build-cpu test test-fast test-cuda-emu demo bench sass-report clean
 
 install: build
 
@@ -27,11 +27,21 @@ build-cpu: deps
 test: install
 	$(PY) -m pytest -q tests
 
+# csrc/cuda/*.cu run on the CPU under the project's CUDA emulator (tests/cuda_emu), against the CPU
+# kernels; `make test` runs these too. The emulated build is cached under build/cuda_emu/.
+test-cuda-emu: install
+	$(PY) -m pytest -q tests/cuda_emu
+
 test-fast: build-cpu
 	$(PY) -m pytest -q -x tests
 
 demo: install
 	$(PY) -m ssd.demo --out demo
+
+# Registers, shared/local memory and the SASS instruction mix of every CUDA kernel, from the built
+# extension (no GPU needed): benchmarks/results/sass-sm_90.md and .json.
+sass-report: install
+	$(PY) -m benchmarks.sass_report
 
 bench: install
 	$(PY) -m benchmarks.run_all
