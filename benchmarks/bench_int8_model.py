@@ -328,7 +328,8 @@ def main():
     sec, _ = bench_models(args, device, models, args.batches, args.size, notes)
     sections.append(sec)
     if not args.no_layers:
-        for batch in args.batches:
+        # --quick (run_all): the per-layer table at the smallest batch only, to fit run_all's time budget
+        for batch in args.batches[:1] if args.quick else args.batches:
             sections.append(bench_layers(args, device, models["ours static"], models["torch.ao"], batch, args.size))
     common.publish(SCRIPT, sections, args, device, env)
 
