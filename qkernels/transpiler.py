@@ -401,6 +401,10 @@ class QuantizeTranspiler:
         torch.fx.GraphModule when the graph had to change (``summary.returned`` says which).
         ``example_inputs`` default to those given to training_transpile.
 
+        With ``example_inputs`` (a tuple of model inputs), one traced forward also chains the layers whose output
+        several int8 layers read with one static scale (e.g. a feature map read by the next block and the
+        heads; see qkernels/int8_fusion.py).
+
         To load a saved int8 state_dict: ``convert_to_int8(training_transpile(fresh float model))`` with the
         same transpiler settings, then ``load_state_dict``."""
         int8_conv, int8_linear = _int8_layer_types()
@@ -489,12 +493,6 @@ class QuantizeTranspiler:
         self._float_ops(graph, summary, fused_nodes, unfusable, replacements, model)
         if needs_rewrite:
             model = qg.drop_calls(model, graph, dropped, add_relus)
-        if summary.chained:
-            # Codes flow only inside a call of this model (its graph decided the chaining).
-            scope = install_chain_scope(model)
-            for layer in int8.values():
-                if layer.chained:
-                    layer.chain_scope = scope
             summary.returned = ("a torch.fx.GraphModule (class %s) with the model's submodules under the same "
                                 "names: fused activations called elsewhere too or called as functions are gone "
                                 "from its graph" % type(model).__name__)
@@ -504,6 +502,21 @@ class QuantizeTranspiler:
             _warn_fallback("convert_to_int8", model, graph, "left in float: %s (modules; functional calls unknown): "
                            "%s" % (", ".join("%d %s" % (n, k) for k, n in sorted(summary.float_ops.items())),
                                    _listing(left)))
+        # A layer whose output several int8 layers read (MobileNet-SSD's feature maps: the next block and both
+        # heads) is chained when one traced forward shows that only int8 readers with one static scale read it.
+        traced_inputs = inputs if inputs is not None else getattr(self, "_example_inputs", None)
+        if traced_inputs is not None:
+            from .int8_fusion import chain_shared_outputs
+
+            newly = chain_shared_outputs(model, tuple(traced_inputs), (int8_conv, int8_linear))
+            summary.not_chained = [(n, why) for n, why in summary.not_chained if n not in newly]
+            summary.chained += [(n, ("the int8 readers of its output, found by a traced forward",)) for n in newly]
+        if summary.chained:
+            # Codes flow only inside a call of this model (its graph or traced forward decided the chaining).
+            scope = install_chain_scope(model)
+            for layer in model.modules():
+                if isinstance(layer, (int8_conv, int8_linear)) and layer.chained:
+                    layer.chain_scope = scope
         return model
 
     @staticmethod

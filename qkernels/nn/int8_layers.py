@@ -24,7 +24,9 @@ way (a slice of a Sequential, a submodule on its own) a chained layer writes the
 State (``state_dict``): ``weight`` (int8; or uint8 = code + 128 with ``weight_storage="uint8"``, converted
 back to int8 on load), ``weight_scale``, ``bias``, ``input_scale`` (static types), ``bn_factor`` (folded
 batch norm), ``output_scale`` (chained layers). The epilogue constants derive from these and are
-recomputed after ``load_state_dict``. ``_extra_state`` records the structure (version, activation, chained,
+recomputed after ``load_state_dict``, and so are the weights packed for the CPU kernels (Int8Conv2d:
+``pack_conv2d_int8_weight``, once, not per call; again after ``.to(device)``; call ``refresh()`` after
+changing ``weight`` in place). ``_extra_state`` records the structure (version, activation, chained,
 static or dynamic input, batch norm folded, bits, storage), so a state_dict loads into a skeleton
 converted with other settings, which takes on the saved structure.
 """
@@ -66,6 +68,7 @@ class _Int8Layer(nn.Module):
         self.register_buffer("_epilogue_bias", None, persistent=False)
         self.register_buffer("_float_scale", None, persistent=False)  # chained layers writing floats
         self.register_buffer("_float_bias", None, persistent=False)
+        self.register_buffer("_packed_weight", None, persistent=False)
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     # --- structure set by the transpiler ----------------------------------------------------------
@@ -132,6 +135,17 @@ class _Int8Layer(nn.Module):
             bias = None if bias is None else bias * to_codes
         self._epilogue_scale = scale.contiguous()
         self._epilogue_bias = None if bias is None else bias.contiguous()
+        self._pack_weight()
+
+    def _pack_weight(self) -> None:
+        """Layers with a packed form of their weights (Int8Conv2d) pack them here: when built, loaded and moved."""
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) / .cuda() / .cpu(): the packed weights are for the old device's kernels, pack again
+        result = super()._apply(fn, recurse)
+        if self.weight is not None and self.weight.dtype == torch.int8:
+            self._pack_weight()
+        return result
 
     def _writes_codes(self) -> bool:
         """Chained, and inside a call of the model the chaining was decided for (when one was given)."""
@@ -241,11 +255,15 @@ class Int8Conv2d(_Int8Layer):
         new.refresh()
         return new
 
+    @torch.no_grad()
+    def _pack_weight(self) -> None:
+        self._packed_weight = qk.pack_conv2d_int8_weight(self.weight, self.groups)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale = self._input_codes(x)
         _scale, bias, out_dtype, activation = self._epilogue()
-        return qk.conv2d_int8(codes, self.weight, bias, self.stride, self.padding, self.dilation,
-                              self.groups, scale, out_dtype, activation)
+        return qk.conv2d_int8_packed(codes, self.weight, self._packed_weight, bias, self.stride, self.padding,
+                                     self.dilation, self.groups, scale, out_dtype, activation)
 
     def extra_repr(self) -> str:
         return "%d, %d, kernel_size=%s, stride=%s, padding=%s, groups=%d, %s" % (

@@ -224,6 +224,11 @@ def conv2d_int8(x, weight, bias, stride, padding, dilation, groups, scale, out_d
     return _epilogue(y, bias, out_dtype, activation, [1, -1, 1, 1])
 
 
+def conv2d_int8_packed(x, weight, packed, bias, stride, padding, dilation, groups, scale, out_dtype, activation):
+    """The packed weights are a CPU-kernel layout of ``weight`` (same result): ONNX gets ``weight`` itself."""
+    return conv2d_int8(x, weight, bias, stride, padding, dilation, groups, scale, out_dtype, activation)
+
+
 def linear_int8(x, weight, bias, scale, out_dtype, activation):
     op = _op()
     xd = op.DequantizeLinear(x, _const(1.0), _zero_point())
@@ -254,6 +259,7 @@ _TRANSLATIONS = {
     "fake_channel_wise_quant_abs_max": fake_channel_wise_quant_abs_max,
     "quantize_channel_wise_abs_max": quantize_channel_wise_abs_max,
     "conv2d_int8": conv2d_int8,
+    "conv2d_int8_packed": conv2d_int8_packed,
     "linear_int8": linear_int8,
 }
 
