@@ -316,3 +316,19 @@ def test_sensitivity_finds_the_layer_that_hurts_and_its_skip_pattern():
     with pytest.raises(ValueError, match="does not quantize"):
         qkernels.sensitivity(net, t, evaluate, BATCHES, groups={"x": ["nope"]})
     assert torch.equal(net(x), reference)  # the model given is unchanged
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_frozen_layers_run_their_integer_code_conv_in_float32_under_autocast(dtype):
+    t, net = trained()
+    frozen = t.freeze_program(copy.deepcopy(net)).eval()
+    x = images()
+    with torch.no_grad():
+        want = frozen(x)
+        with torch.autocast("cpu", dtype=dtype):
+            got = frozen(x)
+    # Codes times codes summed in fp16 / bf16 would be off by whole steps; in float32 only the final
+    # dequantized output may be rounded to the autocast dtype (its relative precision, times max |out|).
+    eps = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    assert torch.isfinite(got).all()
+    assert (got.float() - want).abs().max() <= 4 * eps * want.abs().max()
