@@ -21,6 +21,9 @@ MOBILENET_BLOCKS = (
 # (1x1 reduction width, 3x3 stride-2 output width) of the four extra blocks: 5x5, 3x3, 2x2, 1x1 maps.
 EXTRA_BLOCKS = ((256, 512), (128, 256), (128, 256), (64, 128))
 FEATURE_CHANNELS = (512, 1024, 512, 256, 256, 128)
+# The reference trains the weights of every conv of the body and the extra blocks (its conv_bn helper) at
+# 0.1x the learning rate; batch-norm parameters and the heads (weights and biases) train at 1x.
+BODY_CONV_LR_MULTIPLIER = 0.1
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -95,6 +98,15 @@ class MobileNetSSD(nn.Module):
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """Learning-rate multiplier of every named parameter (also after QAT transpiling: the quantized
+        convs subclass nn.Conv2d and keep their names)."""
+        body_conv_weights = {f"{name}.weight" for part in ("body_19", "body_10", "extras")
+                             for name, module in getattr(self, part).named_modules(prefix=part)
+                             if isinstance(module, nn.Conv2d)}
+        return {name: BODY_CONV_LR_MULTIPLIER if name in body_conv_weights else 1.0
+                for name, _ in self.named_parameters()}
 
     def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The six maps the heads read: 19x19x512, 10x10x1024, 5x5x512, 3x3x256, 2x2x256, 1x1x128."""
