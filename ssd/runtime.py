@@ -95,13 +95,8 @@ class Runtime:
         quantizes with them)."""
         if not self.distributed:
             return model
-        from qkernels.nn.quantizers import quantizers
-
-        owners = {id(m) for m in quantizers(model)}
-        ignored = [f"{name}.{buffer}" for name, module in model.named_modules() if id(module) in owners
-                   for buffer, _ in module.named_buffers(recurse=False)]
         DDP = torch.nn.parallel.DistributedDataParallel
-        DDP._set_params_and_buffers_to_ignore_for_model(model, ignored)
+        DDP._set_params_and_buffers_to_ignore_for_model(model, quantizer_buffer_names(model))
         return DDP(model, device_ids=[self.device.index] if self.use_gpu else None)
 
     def gather(self, obj) -> list | None:
@@ -123,6 +118,15 @@ class Runtime:
     def close(self) -> None:
         if self.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def quantizer_buffer_names(model: torch.nn.Module) -> list[str]:
+    """Qualified names of the qkernels quantizers' buffers (scale, window, step, accum, state)."""
+    from qkernels.nn.quantizers import quantizers
+
+    owners = {id(m) for m in quantizers(model)}
+    return [f"{name}.{buffer}" for name, module in model.named_modules() if id(module) in owners
+            for buffer, _ in module.named_buffers(recurse=False)]
 
 
 def seed_everything(seed: int) -> None:
