@@ -8,6 +8,7 @@ from qkernels.nn.quantizers import ACTIVATION_QUANTIZE_TYPES, WEIGHT_QUANTIZE_TY
 from .data.sets import AUGMENTATIONS
 from .data.transforms import IMAGE_SIZE, MEAN_BGR
 from .metrics import AP_VERSIONS
+from .model import BODY_CONV_LR_MULTIPLIER
 
 MODES = ("train", "test", "infer")
 ACT_QUANT_TYPES = ("none", *ACTIVATION_QUANTIZE_TYPES)      # none: train the plain float32 model
@@ -31,6 +32,7 @@ class Config:
     fold_bn: bool = False
     epoc_num: int = 20
     learning_rate: float = 0.0001
+    body_lr_multiplier: float = BODY_CONV_LR_MULTIPLIER   # the reference fine-tunes a pretrained body
     lr_epochs: list[int] = field(default_factory=lambda: [30, 60])
     lr_decay_rates: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.01])
     batch_size: int = 64
@@ -95,6 +97,8 @@ class Config:
             out.append(f"--eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if self.num_workers < 0:
             out.append("--num_workers must be >= 0")
+        if self.body_lr_multiplier < 0:
+            out.append(f"--body_lr_multiplier must be >= 0, got {self.body_lr_multiplier}")
         if self.learning_rate <= 0:
             out.append(f"--learning_rate must be > 0, got {self.learning_rate}")
         if self.mode == "infer" and not self.image_path:

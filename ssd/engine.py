@@ -165,7 +165,8 @@ def train(cfg: Config, rt: Runtime, log: Log = _quiet) -> dict:
     model.to(rt.device).train()
     layout = preferred_layout(model, rt.device)
     model.to(memory_format=layout)
-    optimizer = make_optimizer(model, learning_rate(cfg.learning_rate, cfg.lr_epochs, cfg.lr_decay_rates, 0))
+    optimizer = make_optimizer(model, learning_rate(cfg.learning_rate, cfg.lr_epochs, cfg.lr_decay_rates, 0),
+                               cfg.body_lr_multiplier)
     save_dir = Path(cfg.model_save_dir)
     start_epoch, history, best = 0, [], {"map": -1.0, "epoch": -1}
     if cfg.resume:

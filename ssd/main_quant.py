@@ -55,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--fold_bn", type=_bool, default=d.fold_bn, help="fold batch norm into the quantized convs")
     flag("--epoc_num", type=int, default=d.epoc_num, help="epochs to train (in total, counting resumed ones)")
     flag("--learning_rate", type=float, default=d.learning_rate,
-         help="base rate (the body's and extra blocks' conv weights train at 0.1x)")
+         help="base rate (see --body_lr_multiplier)")
+    flag("--body_lr_multiplier", type=float, default=d.body_lr_multiplier,
+         help="learning-rate multiplier of the body's and extra blocks' conv weights (the reference's 0.1 "
+              "suits fine-tuning a pretrained body; the demo trains from scratch with 1)")
     flag("--lr_epochs", type=_list(int), default=d.lr_epochs, help="epochs where the lr changes")
     flag("--lr_decay_rates", type=_list(float), default=d.lr_decay_rates,
          help="lr multipliers, one more than --lr_epochs")

@@ -99,13 +99,14 @@ class MobileNetSSD(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def lr_multipliers(self) -> dict[str, float]:
-        """Learning-rate multiplier of every named parameter (also after QAT transpiling: the quantized
-        convs subclass nn.Conv2d and keep their names)."""
+    def lr_multipliers(self, body: float = BODY_CONV_LR_MULTIPLIER) -> dict[str, float]:
+        """Learning-rate multiplier of every named parameter: ``body`` for the conv weights of the body and
+        the extra blocks, 1 for the rest (also after QAT transpiling: the quantized convs subclass
+        nn.Conv2d and keep their names)."""
         body_conv_weights = {f"{name}.weight" for part in ("body_19", "body_10", "extras")
                              for name, module in getattr(self, part).named_modules(prefix=part)
                              if isinstance(module, nn.Conv2d)}
-        return {name: BODY_CONV_LR_MULTIPLIER if name in body_conv_weights else 1.0
+        return {name: body if name in body_conv_weights else 1.0
                 for name, _ in self.named_parameters()}
 
     def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:

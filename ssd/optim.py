@@ -15,6 +15,8 @@ from typing import Sequence
 
 import torch
 
+from .model import BODY_CONV_LR_MULTIPLIER
+
 RHO = 0.95
 EPSILON = 1e-6
 L2_DECAY = 5e-5
@@ -63,9 +65,9 @@ class ReferenceRMSProp(torch.optim.Optimizer):
         return loss
 
 
-def parameter_groups(model: torch.nn.Module) -> list[dict]:
-    """One group per learning-rate multiplier (``model.lr_multipliers()``), in parameter order."""
-    multipliers = model.lr_multipliers()
+def parameter_groups(model: torch.nn.Module, body_multiplier: float = BODY_CONV_LR_MULTIPLIER) -> list[dict]:
+    """One group per learning-rate multiplier (``model.lr_multipliers(body_multiplier)``), in parameter order."""
+    multipliers = model.lr_multipliers(body_multiplier)
     groups: dict[float, list] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -73,8 +75,8 @@ def parameter_groups(model: torch.nn.Module) -> list[dict]:
     return [{"params": params, "lr_multiplier": m} for m, params in groups.items()]
 
 
-def make_optimizer(model: torch.nn.Module, lr: float) -> ReferenceRMSProp:
-    return ReferenceRMSProp(parameter_groups(model), lr=lr)
+def make_optimizer(model: torch.nn.Module, lr: float, body_multiplier: float = BODY_CONV_LR_MULTIPLIER) -> ReferenceRMSProp:
+    return ReferenceRMSProp(parameter_groups(model, body_multiplier), lr=lr)
 
 
 def learning_rate(base: float, boundaries: Sequence[int], rates: Sequence[float], epoch: int) -> float:

@@ -93,6 +93,8 @@ def test_lr_multipliers_per_parameter_group(quant):
     for name, param in model.named_parameters():
         assert rates[id(param)] == pytest.approx(0.004 * _expected_multiplier(name)), name
     assert len(parameter_groups(model)) == 2
+    # --body_lr_multiplier 1 (training from scratch): one rate for everything
+    assert set(model.lr_multipliers(body=1.0).values()) == {1.0} and len(parameter_groups(model, 1.0)) == 1
 
 
 def test_learning_rate_schedule_is_piecewise_in_epochs():
