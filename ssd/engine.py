@@ -247,9 +247,12 @@ def train(cfg: Config, rt: Runtime, log: Log = _quiet) -> dict:
             f"{record['images_per_s']:.1f} img/s ({train_s:.0f} s), {record['dropped']} crop(s) without a box "
             f"left out, mAP {record['map']:.4f}")
         rt.barrier()
+    dropped_boxes = train_ds.degenerate_boxes + test_ds.degenerate_boxes
+    if dropped_boxes:
+        log(f"{dropped_boxes} degenerate box(es) were dropped from the data (listed at the start)")
     return {"history": history, "best": best, "last": str(save_dir / "last.pt"),
             "best_path": str(save_dir / "best.pt"), "stage": stage, "quant": quant,
-            "degenerate_boxes": train_ds.degenerate_boxes + test_ds.degenerate_boxes}
+            "degenerate_boxes": dropped_boxes}
 
 
 # ----------------------------------------------------------------------------- test

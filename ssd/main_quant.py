@@ -11,10 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import engine, infer
 from .checkpoint import CheckpointError
 from .config import ACT_QUANT_TYPES, MALLOC_MODES, MODES, WEIGHT_QUANTIZE_TYPES, Config, UsageError
 from .data import AUGMENTATIONS, DatasetError
 from .metrics import AP_VERSIONS
+from .runtime import Runtime, keep_freed_memory
 
 
 def _bool(text: str) -> bool:
@@ -101,9 +103,6 @@ def parse_config(argv=None) -> Config:
 
 def run(argv=None) -> dict:
     """Parse ``argv`` and run the mode; returns its results. Raises on errors (see ``main``)."""
-    from . import engine, infer
-    from .runtime import Runtime, keep_freed_memory
-
     cfg = parse_config(argv)
     if cfg.mode != "infer" and not Path(cfg.data_dir).is_dir():
         raise UsageError(f"--data_dir {cfg.data_dir} does not exist (point it at a folder holding VOCdevkit, or "
@@ -143,7 +142,7 @@ def _message(exc: BaseException) -> str:
 def main(argv=None) -> None:
     try:
         run(argv)
-    except (UsageError, CheckpointError, DatasetError) as exc:
+    except (UsageError, CheckpointError, DatasetError, FloatingPointError) as exc:
         print(f"error: {_message(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
 

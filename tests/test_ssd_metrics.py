@@ -1,6 +1,5 @@
 """DetectionMAP (ssd.metrics): a published case, hand-built cases and real VOC detections."""
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 import torch
