@@ -266,9 +266,12 @@ class Section:
     targets: List[Target] = field(default_factory=list)
 
     def add_row(self, case: str, ours: Timing, peers: Optional[Dict[str, Timing]] = None,
-                bytes_moved: Optional[int] = None) -> Dict[str, Any]:
+                bytes_moved: Optional[int] = None, peer_bytes: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
+        """`bytes_moved`: the bytes our op must move (the GB/s basis of every column unless `peer_bytes`
+        gives a peer its own, e.g. a copy moves fewer bytes than a two-pass fake quant)."""
         peers = dict(peers or {})
         row = {"case": case, "ours": ours, "peers": peers, "bytes_moved": bytes_moved,
+               "peer_bytes": dict(peer_bytes or {}),
                "ratios": {name: ratio(t, ours) for name, t in peers.items()}}
         self.rows.append(row)
         return row
@@ -289,8 +292,10 @@ class Section:
                    "peers": {n: asdict(t) for n, t in row["peers"].items()},
                    "ratio_peer_over_ours": row["ratios"], "bytes_moved": row["bytes_moved"]}
             if row["bytes_moved"]:
+                out["peer_bytes_moved"] = row.get("peer_bytes", {})
                 out["gbps"] = {"ours": gbps(row["bytes_moved"], row["ours"])}
-                out["gbps"].update({n: gbps(row["bytes_moved"], t) for n, t in row["peers"].items()})
+                out["gbps"].update({n: gbps(row.get("peer_bytes", {}).get(n, row["bytes_moved"]), t)
+                                    for n, t in row["peers"].items()})
             rows.append(out)
         return {"name": self.name, "title": self.title, "ours_label": self.ours_label,
                 "bandwidth_ref": self.bandwidth_ref, "notes": self.notes, "rows": rows,

@@ -93,10 +93,12 @@ QK_HD bool range_abs_max_step(float cur, float* window, int64_t* step, int64_t w
   return removed == last;
 }
 
-// One step of the moving_average_abs_max state (reference formulas), on a single thread.
+// One step of the moving_average_abs_max state (reference formulas), on a single thread. The products
+// and sums are explicit fmaf: nvcc contracts `rate * state + 1` into one FMA by default and the host
+// compiler does not, which made CPU and GPU scales drift apart by ulps over the steps.
 QK_HD void moving_average_step(float cur, float rate, float* accum, float* state, float* scale) {
-  *state = rate * *state + 1.f;
-  *accum = rate * *accum + cur;
+  *state = fmaf(rate, *state, 1.f);
+  *accum = fmaf(rate, *accum, cur);
   *scale = *accum / *state;
 }
 

@@ -24,7 +24,19 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 CUDA_AVAILABLE = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA device")
+NEEDS_CUDA_REASON = "needs a CUDA device"
+needs_cuda = pytest.mark.skipif(not CUDA_AVAILABLE, reason=NEEDS_CUDA_REASON)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (benchmarks/gpu_check.sh runs `-m cuda`)")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Every test that needs_cuda marks (directly or through a parameter) is selectable as `-m cuda`.
+    for item in items:
+        if any(m.name == "skipif" and m.kwargs.get("reason") == NEEDS_CUDA_REASON for m in item.iter_markers()):
+            item.add_marker(pytest.mark.cuda)
 
 # CPU always; CUDA only where a GPU is visible. A GPU with a CPU-only build of qkernels fails on
 # purpose (check_backend names the problem) rather than skipping silently.

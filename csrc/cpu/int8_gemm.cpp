@@ -550,6 +550,8 @@ const char* int8_isa_name(Int8Isa isa) {
 
 Int8Isa int8_isa() { return std::min(best_isa(), isa_cap()); }
 
+Int8Isa int8_best_isa() { return best_isa(); }
+
 Isa int8_vector_isa(Int8Isa isa) {
   if (isa >= Int8Isa::kAvx512Vnni) return Isa::kAvx512;
   if (isa >= Int8Isa::kAvx2) return Isa::kAvx2;

@@ -54,15 +54,19 @@ __global__ void abs_max_kernel(const T* __restrict__ x, int64_t n, unsigned* __r
   block_max_to(local, out_bits);
 }
 
-// One block per row of `inner` elements in x viewed as [outer, channels, inner].
+// Blocks stride over the rows of `inner` elements of x viewed as [outer, channels, inner], so any number
+// of rows fits in the grid.
 template <typename T>
-__global__ void channel_abs_max_kernel(const T* __restrict__ x, int64_t channels, int64_t inner,
+__global__ void channel_abs_max_kernel(const T* __restrict__ x, int64_t rows, int64_t channels, int64_t inner,
                                        unsigned* __restrict__ out_bits) {
-  const int64_t row = blockIdx.x;
-  const T* src = x + row * inner;
-  unsigned local = 0;
-  for (int64_t i = threadIdx.x; i < inner; i += blockDim.x) local = max(local, float_bits(finite_abs(static_cast<float>(src[i]))));
-  block_max_to(local, out_bits + row % channels);
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const T* src = x + row * inner;
+    unsigned local = 0;
+    for (int64_t i = threadIdx.x; i < inner; i += blockDim.x)
+      local = max(local, float_bits(finite_abs(static_cast<float>(src[i]))));
+    block_max_to(local, out_bits + row % channels);
+    __syncthreads();  // block_max_to's shared slots are reused by the next row
+  }
 }
 
 // Quantize pass: scale index = (i / inner) % channels (a single scale when channels == 1).
@@ -219,8 +223,9 @@ std::tuple<at::Tensor, at::Tensor> channel_wise_quant(const at::Tensor& x, int64
   const int64_t rows = outer * channels;
   if (rows > 0 && inner > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "qkernels_channel_abs_max", [&] {
-      channel_abs_max_kernel<scalar_t><<<(unsigned)rows, kThreads, 0, stream()>>>(
-          xc.data_ptr<scalar_t>(), channels, inner, reinterpret_cast<unsigned*>(scales.data_ptr<float>()));
+      const unsigned blocks = (unsigned)std::min<int64_t>(rows, (int64_t)max_blocks() * 8);
+      channel_abs_max_kernel<scalar_t><<<blocks, kThreads, 0, stream()>>>(
+          xc.data_ptr<scalar_t>(), rows, channels, inner, reinterpret_cast<unsigned*>(scales.data_ptr<float>()));
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -1,0 +1,45 @@
+"""What the CUDA kernels' designs need, checked in the compiled SASS of the built extension (no GPU needed:
+cuobjdump reads the sm_90 code in qkernels/_C*.so). Skips on a CPU-only build."""
+import re
+
+import pytest
+
+import qkernels
+from benchmarks import sass_report
+
+pytestmark = pytest.mark.skipif(not qkernels.has_cuda_kernels(), reason="a CPU-only build has no SASS")
+
+# (kernel name pattern, opcode pattern, why the design needs it). Every kernel matching the name must hold
+# at least one instruction matching the opcode. Kernels are named as sass_report.short_name prints them.
+REQUIRED = [
+    (r"^conv_gemm_kernel$", r"^IDP\.4A", "the int8 implicit GEMM accumulates with dp4a"),
+    (r"^(abs_max|channel_abs_max)_kernel<", r"^SHFL", "block reductions go through warp shuffles"),
+    (r"^(abs_max|channel_abs_max)_kernel<", r"^(RED|ATOM)", "one atomic max per block publishes the scale"),
+]
+
+
+@pytest.fixture(scope="module")
+def report():
+    tool = sass_report.find_cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump is not installed (nvidia-cuda-cuobjdump in requirements.txt)")
+    return sass_report.kernel_report(qkernels._library._C.__file__, tool)
+
+
+def test_every_kernel_is_compiled_for_hopper(report):
+    assert report, "the CUDA build holds no kernels"
+    assert {r["arch"] for r in report.values()} == {"sm_90"}
+
+
+def test_no_kernel_spills_registers_to_local_memory(report):
+    spills = {name: (r.get("local"), r["families"]["LDL/STL"]) for name, r in report.items()
+              if r.get("local", 0) or r["families"]["LDL/STL"]}
+    assert not spills, "kernels with local memory (bytes, LDL/STL count): %s" % spills
+
+
+@pytest.mark.parametrize("kernels,opcode,why", REQUIRED, ids=[r[2] for r in REQUIRED])
+def test_kernels_hold_the_instructions_their_design_needs(report, kernels, opcode, why):
+    matching = [n for n in report if re.search(kernels, n)]
+    assert matching, "no kernel matches %r (renamed?)" % kernels
+    missing = [n for n in matching if not any(re.search(opcode, op) for op in report[n]["mix"])]
+    assert not missing, "%s: no %s instruction in %s" % (why, opcode, missing)
