@@ -8,6 +8,7 @@ and QAT (abs_max, from the float run's weights) runs alternate keep / system, so
 jobs hits both alike. Cells: seconds per training image (the median over repeats); in brackets the
 system setting's time / ours (above 1: keeping freed memory is faster).
 """
+import resource
 import statistics
 import subprocess
 import sys
@@ -22,16 +23,19 @@ SCRIPT = "bench_ssd_train"
 MODES = ("keep", "system")
 
 
-def train(data_dir: Path, save_dir: Path, malloc: str, extra: list) -> float:
-    """Seconds per image in the second epoch of a fresh training process."""
+def train(data_dir: Path, save_dir: Path, malloc: str, extra: list) -> tuple[float, int]:
+    """Seconds per image in the second epoch of a fresh training process, and the minor page faults of
+    the whole run (its loader worker included): a count that does not depend on the machine's load."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
     cmd = [sys.executable, "-m", "ssd.main_quant", "--mode", "train", "--data_dir", str(data_dir),
            "--model_save_dir", str(save_dir), "--batch_size", "8", "--num_workers", "1", "--epoc_num", "2",
            "--learning_rate", "0.001", "--quiet", "--use_gpu", "false", "--malloc", malloc, *extra]
     proc = subprocess.run(cmd, cwd=common.REPO_ROOT, capture_output=True, text=True, timeout=1800)
     if proc.returncode:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed")
+    faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - before
     history = torch.load(save_dir / "last.pt", weights_only=True)["history"]
-    return 1.0 / history[-1]["images_per_s"]
+    return 1.0 / history[-1]["images_per_s"], faults
 
 
 def main() -> None:
@@ -56,13 +60,20 @@ def main() -> None:
                 "QAT abs_max": ["--act_quant_type", "abs_max", "--init_model", str(root / "float32-keep-0" / "last.pt")]}
         for case, extra in runs.items():
             times = {mode: [] for mode in MODES}
+            faults = {mode: [] for mode in MODES}
             errors = {}
             for r in range(repeats):
                 for mode in MODES:
                     try:
-                        times[mode].append(train(data, root / f"{case.split()[0]}-{mode}-{r}", mode, extra))
+                        seconds, count = train(data, root / f"{case.split()[0]}-{mode}-{r}", mode, extra)
+                        times[mode].append(seconds)
+                        faults[mode].append(count)
                     except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
                         errors[mode] = common.error_text(exc)
+            if all(faults.values()):
+                section.notes.append(f"{case}: minor page faults per run (median) "
+                                     + ", ".join(f"{m} {statistics.median(faults[m]) / 1e3:.0f}k" for m in MODES)
+                                     + ".")
             timing = {}
             for mode in MODES:
                 if times[mode]:
