@@ -45,6 +45,15 @@ TORCH_LIBRARY(qkernels, m) {
   m.def(
       "linear_int8(Tensor x, Tensor weight, Tensor? bias, Tensor scale, ScalarType out_dtype, "
       "str activation) -> Tensor");
+  // conv2d_int8 with the weights also given packed for the device's kernels (pack_conv2d_int8_weight,
+  // done once per layer); the result is that of conv2d_int8(x, weight, ...) bit for bit. A packed
+  // tensor that does not fit (other shape, instruction set, device) is ignored.
+  m.def(
+      "conv2d_int8_packed(Tensor x, Tensor weight, Tensor packed, Tensor? bias, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, Tensor scale, ScalarType out_dtype, str activation) -> Tensor");
+  // weight [O, C/groups, kh, kw] int8 packed for conv2d_int8_packed on its device (empty where the
+  // device's kernels have no packed form).
+  m.def("pack_conv2d_int8_weight(Tensor weight, int groups) -> Tensor");
 }
 
 namespace {

@@ -4,4 +4,5 @@ from ._library import has_cuda_kernels  # noqa: F401  (loads the compiled operat
 from .build_report import build_info  # noqa: F401
 from .ops import *  # noqa: F401,F403
 from . import nn  # noqa: F401  (quantizer modules and quantized layers)
-from .transpiler import QuantizeTranspiler  # noqa: F401
+from .graph import TranspileSummary  # noqa: F401
+from .transpiler import GraphTraceWarning, QuantizeTranspiler  # noqa: F401
