@@ -51,6 +51,19 @@ def extra_block(in_channels: int, mid_channels: int, out_channels: int) -> nn.Se
     )
 
 
+def check_images(images: torch.Tensor) -> None:
+    """A clear error for anything but a batch of 3-channel images."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"MobileNetSSD expects images [N, 3, H, W], got {shape}")
+
+
+# torch.fx records the check as one call instead of tracing into it (a Python `if` on a traced tensor
+# cannot be traced), so the QAT transpiler sees the model's whole graph and the check stays in the
+# GraphModules it builds.
+torch.fx.wrap("check_images")
+
+
 class MobileNetSSD(nn.Module):
     """forward(images [N, 3, 300, 300]) -> (locs [N, P, 4], confs [N, P, num_classes]) logits, P = 1917."""
 
@@ -121,8 +134,7 @@ class MobileNetSSD(nn.Module):
         return maps
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images [N, 3, H, W], got {tuple(images.shape)}")
+        check_images(images)
         batch = images.shape[0]
         locs, confs = [], []
         for feature, loc_head, conf_head in zip(self.feature_maps(images), self.loc_heads, self.conf_heads):
