@@ -17,6 +17,8 @@ from ssd.data import synthetic
 REPO = Path(__file__).resolve().parents[1]
 VOC_SAMPLE = SHARED_DIR / "data" / "voc2012_sample"
 needs_sample = pytest.mark.skipif(not VOC_SAMPLE.is_dir(), reason="../shared/data/voc2012_sample absent")
+# The transpiler traces MobileNet-SSD: a fallback to module order would be a regression.
+pytestmark = pytest.mark.filterwarnings("error::qkernels.GraphTraceWarning")
 
 
 @pytest.fixture(scope="module")
