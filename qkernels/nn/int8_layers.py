@@ -30,6 +30,7 @@ from torch import nn
 
 from .. import ops as qk
 from ..ops.fake_quant import bin_count
+from ..ops.int8_layout import kernel_weight_layout
 
 ACTIVATIONS = (None, "relu", "relu6")
 
@@ -183,8 +184,16 @@ class Int8Conv2d(_Int8Layer):
         new.kernel_size, new.stride, new.dilation = frozen.kernel_size, frozen.stride, frozen.dilation
         new.padding = _int_pair(frozen.padding, frozen.kernel_size, frozen.stride, frozen.dilation)
         new._init_common(frozen, weight_storage)
+        new.weight = kernel_weight_layout(new.weight, new.groups)
         new.refresh()
         return new
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) / .cuda() / .cpu(): the weight in the memory layout of the new device's kernels
+        result = super()._apply(fn, recurse)
+        if getattr(self, "weight", None) is not None and self.weight.dtype == torch.int8:
+            self.weight = kernel_weight_layout(self.weight, self.groups)
+        return result
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale = self._input_codes(x)
