@@ -294,3 +294,15 @@ def test_int8_conv_weights_are_packed_for_cuda_when_converted_or_moved():
         assert convs[1].weight.permute(2, 3, 1, 0).is_contiguous()
         got = model(x.cuda())
         assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("sms,splits", [(132, 8), (16, 2), (1, 1)])
+def test_split_k_fills_the_multiprocessors(emu, monkeypatch, sms, splits):
+    """pw 1024->1024 on a 3x3 map at batch 1: one 16x128 tile row of 8 CTAs; with more SMs than tiles, the
+    16 k-tiles are split (at least 2 each) so that the CTAs cover the SMs (cudaDevAttrMultiProcessorCount)."""
+    apply_setting(monkeypatch, sm_count=sms)
+    case = next(c for c in CONV_CASES if c[0] == "pw 1024->1024")
+    x, wt, scale, bias, geometry = _conv_inputs(case, seed=4)
+    got, log = _launches(emu, lambda: _run_conv(emu, x, wt, bias, scale, geometry, torch.int8, "relu"))
+    assert len(log) == 1 and _grid(log[0]) == ((1, 8, splits), 128), log
+    assert_same(got, _run_conv(cpu, x, wt, bias, scale, geometry, torch.int8, "relu"), "split %d" % splits)
