@@ -137,7 +137,7 @@ def run_convs(device, quick, batches):
 
 
 def _tops_text(v):
-    return "%.1f" % v if v is not None else "-"
+    return "%.3g" % v if v is not None else "-"
 
 
 # --- linear -------------------------------------------------------------------------------------------

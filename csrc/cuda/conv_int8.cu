@@ -366,7 +366,7 @@ bool launch_tensor_core_gemm(const Int8ConvShape& s, const at::Tensor& xc, const
   const int64_t M = s.N * s.OH * s.OW, K = s.kh * s.kw * s.C;
   if (choice == KernelChoice::kGeneral || s.groups != 1 || s.C % 16 != 0 || s.C == 0 || !aligned16(xc.data_ptr()) ||
       !aligned16(wc.data_ptr()) || xc.numel() >= kInt32Limit || wc.numel() >= kInt32Limit ||
-      M * s.O >= kInt32Limit || K >= kInt32Limit)
+      M * s.O >= kInt32Limit || K >= kInt32Limit || s.O > 65535 * 64)  // grid.y: O tiles of 64 or more
     return false;
   mma::IgemmParams p;
   p.x = xc.data_ptr<int8_t>();

@@ -33,21 +33,22 @@ def _same(got, want, what):
     assert mismatches == 0, "%s: %d of %d elements differ" % (what, mismatches, got.numel())
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("case", GPU_CASES, ids=[c[0] for c in GPU_CASES])
-def test_cuda_conv_matches_the_cpu_on_every_kernel(monkeypatch, case, kernel):
+def test_cuda_conv_matches_the_cpu_on_every_kernel(monkeypatch, case):
     x, wt, _, _, geometry = _conv_inputs(case, seed=11)
-    monkeypatch.setenv("QKERNELS_CUDA_INT8_KERNEL", kernel)
     exact = F.conv2d(x.double(), wt.double(), None, *geometry)
-    for splits in ("1", "3", "auto"):
-        monkeypatch.setenv("QKERNELS_CUDA_INT8_SPLIT_K", splits)
-        for b, sc, out_dtype, act in _tc_epilogues(wt.shape[0], torch.Generator().manual_seed(1)):
-            want = _run_conv(cpu, x, wt, b, sc, geometry, out_dtype, act)
-            bd = None if b is None else b.cuda()
-            got = _run_conv(cpu, x.cuda(), wt.cuda(), bd, sc.cuda(), geometry, out_dtype, act)
-            _same(got, want, "%s %s split %s %s" % (case[0], kernel, splits, out_dtype))
-            if out_dtype == torch.int32:
-                assert torch.equal(got.cpu().double(), exact)
+    epilogues = _tc_epilogues(wt.shape[0], torch.Generator().manual_seed(1))
+    wants = [_run_conv(cpu, x, wt, b, sc, geometry, out_dtype, act) for b, sc, out_dtype, act in epilogues]
+    xd, wd = x.cuda(), wt.cuda()
+    for kernel in KERNELS:
+        monkeypatch.setenv("QKERNELS_CUDA_INT8_KERNEL", kernel)
+        for splits in ("1", "3", "auto"):
+            monkeypatch.setenv("QKERNELS_CUDA_INT8_SPLIT_K", splits)
+            for (b, sc, out_dtype, act), want in zip(epilogues, wants):
+                got = _run_conv(cpu, xd, wd, None if b is None else b.cuda(), sc.cuda(), geometry, out_dtype, act)
+                _same(got, want, "%s %s split %s %s" % (case[0], kernel, splits, out_dtype))
+                if out_dtype == torch.int32:
+                    assert torch.equal(got.cpu().double(), exact)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -306,3 +306,25 @@ def test_split_k_fills_the_multiprocessors(emu, monkeypatch, sms, splits):
     got, log = _launches(emu, lambda: _run_conv(emu, x, wt, bias, scale, geometry, torch.int8, "relu"))
     assert len(log) == 1 and _grid(log[0]) == ((1, 8, splits), 128), log
     assert_same(got, _run_conv(cpu, x, wt, bias, scale, geometry, torch.int8, "relu"), "split %d" % splits)
+
+
+def _misaligned_channels_last(x, offset):
+    """x's values, channels-last, at `offset` bytes into its storage (data_ptr not 16-byte aligned)."""
+    n, c, h, w = x.shape
+    buf = torch.zeros(x.numel() + offset, dtype=x.dtype)
+    view = buf[offset:].view(n, h, w, c).permute(0, 3, 1, 2)
+    view.copy_(x)
+    return view
+
+
+@pytest.mark.parametrize("offset,gemm,depthwise", [(1, "conv_gemm_kernel", "depthwise_kernel"),
+                                                   (4, "conv_gemm_kernel", "depthwise_tile_kernel<4>")])
+def test_misaligned_inputs_take_the_kernels_that_allow_them(emu, offset, gemm, depthwise):
+    by_name = {c[0]: c for c in CONV_CASES}
+    for case, kernel in ((by_name["pw 32->64"], gemm), (by_name["dw32 s1"], depthwise)):
+        x, wt, scale, bias, geometry = _conv_inputs(case, seed=6)
+        xm = _misaligned_channels_last(x, offset)
+        assert xm.is_contiguous(memory_format=torch.channels_last) and xm.data_ptr() % 16 == offset
+        got, log = _launches(emu, lambda: _run_conv(emu, xm, wt, bias, scale, geometry, torch.int8, "relu"))
+        assert [line.split(" ")[0] for line in log] == [kernel], log
+        assert_same(got, _run_conv(cpu, x, wt, bias, scale, geometry, torch.int8, "relu"), case[0])

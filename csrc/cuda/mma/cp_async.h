@@ -26,7 +26,8 @@ QK_DEVICE void cp_async_16(void* dst, const void* src, bool valid) {
 #if defined(__CUDA_ARCH__)
   if constexpr (uses_ptx<Arch>()) {
     const uint32_t addr = (uint32_t)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src), "r"(valid ? 16 : 0));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
     return;
   }
 #endif
@@ -43,7 +44,7 @@ template <class Arch>
 QK_DEVICE void cp_async_commit() {
 #if defined(__CUDA_ARCH__)
   if constexpr (uses_ptx<Arch>()) {
-    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
     return;
   }
 #endif
@@ -56,7 +57,7 @@ template <class Arch, int N>
 QK_DEVICE void cp_async_wait() {
 #if defined(__CUDA_ARCH__)
   if constexpr (uses_ptx<Arch>()) {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");  // later shared loads stay after it
     return;
   }
 #endif
