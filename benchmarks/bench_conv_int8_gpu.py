@@ -4,7 +4,7 @@ kernels, reduced, to check the script).
 
 Tables (batch 1 and 64 on CUDA; batch 1 on the CPU):
 - convs: every distinct conv of MobileNet-v1-SSD 300x300 and four ResNet-50 convs. Ours: conv2d_int8 on
-  channels-last int8 input, weights stored in the kernels' layout (qkernels.ops.int8_layout), the epilogue a
+  channels-last int8 input, weights packed once (pack_conv2d_int8_weight, conv2d_int8_packed), the epilogue a
   model uses (per-channel scale, bias, ReLU, int8 out; the SSD heads: bias, float32 out). Peers: F.conv2d with
   bias on channels-last fp16 and bf16 (cuDNN; on the CPU fp32 and bf16, oneDNN), without the ReLU. Shown as
   time and TOPS (2 * MACs / time) and peer time / ours.
@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import qkernels
-from qkernels.ops.int8_layout import kernel_weight_layout
 
 from . import common
 from .bench_conv_int8 import QUICK_NAMES, geomean, mobilenet_ssd_convs
@@ -83,12 +82,13 @@ def conv_case(layer, batch, device):
     nbytes = batch * c * size * size
     xs = common.rotating(lambda: torch.randint(-128, 128, (batch, c, size, size), dtype=torch.int8).to(device)
                          .contiguous(memory_format=torch.channels_last), common.buffer_count(4 * nbytes))
-    w_packed = kernel_weight_layout(w8.to(device), g)
+    w8d = w8.to(device)
+    packed = qkernels.pack_conv2d_int8_weight(w8d, g)
     out_dtype, act = (torch.float32, None) if kind == "head" else (torch.int8, "relu")
 
     def ours(x):
-        return qkernels.conv2d_int8(x, w_packed, bias, stride=s, padding=pad, groups=g, scale=scale,
-                                    out_dtype=out_dtype, activation=act)
+        return qkernels.conv2d_int8_packed(x, w8d, packed, bias, stride=s, padding=pad, groups=g, scale=scale,
+                                           out_dtype=out_dtype, activation=act)
 
     fns, inputs = {"ours": ours}, {}
     for pname, dtype in float_peers(device):
@@ -107,7 +107,7 @@ def run_convs(device, quick, batches):
     for batch in batches:
         sec = common.Section("conv_int8_gpu_b%d" % batch, "Convs, batch %d: conv2d_int8 vs %s" % (
             batch, " / ".join(p for p, _ in float_peers(device))))
-        sec.notes.append("ours: int8 in, weights in the kernels' layout, per-channel scale + bias + relu -> int8 "
+        sec.notes.append("ours: int8 in, weights packed once, per-channel scale + bias + relu -> int8 "
                          "(heads: bias -> float32); peers: F.conv2d + bias, channels-last, no relu. "
                          "Ratio = peer time / ours.")
         per_kind, tops_notes = {}, []

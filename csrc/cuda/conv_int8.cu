@@ -10,8 +10,9 @@
 // Scales and biases are read on the device: nothing here synchronises with the host.
 //
 // Weights: the kernels read conv weights as [O][kh][kw][C/g] (channels-last) and depthwise weights as
-// [kh][kw][C]; weights already in that memory layout (qkernels.ops.int8_layout, which Int8Conv2d applies
-// on CUDA) are used in place, others are permuted on every call.
+// [kh][kw][C]: from the pack of pack_conv2d_int8_weight (made once per layer by Int8Conv2d, again after
+// .to(device)) given to conv2d_int8_packed, or in place from a weight stored in that memory layout
+// (channels-last; [kh][kw][C] strides), or else permuted on every call.
 //
 // Test and tuning hooks (read at every call):
 //   QKERNELS_CUDA_INT8_KERNEL  auto (default) | mma128x128 | mma64x64 | mma16x128 | mma64x64_twin | general
@@ -467,9 +468,43 @@ ConvParams general_params(const Int8ConvShape& s, const at::Tensor& xc, const at
   return p;
 }
 
-at::Tensor conv2d_int8_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                            const at::Tensor& scale, at::ScalarType out_dtype, c10::string_view activation) {
+// Packed weights (pack_conv2d_int8_weight): the weight copied once into the layout the kernels read,
+// [O][kh][kw][C/g] for the GEMMs and [kh][kw][C] for depthwise convs, as a 1-D int8 tensor. Its size says
+// which: a depthwise pack holds 16 bytes of padding first (its data stays 16-byte aligned), so a pack made
+// for the other kind, another shape or another device never fits and is ignored (the weight is then laid
+// out per call, as without a pack).
+constexpr int64_t kDepthwisePackPadding = 16;
+
+bool is_depthwise_weight(const at::Tensor& weight, int64_t groups) {
+  return weight.size(1) == 1 && weight.size(0) == groups;
+}
+
+int64_t packed_numel(const at::Tensor& weight, int64_t groups) {
+  return weight.numel() + (is_depthwise_weight(weight, groups) ? kDepthwisePackPadding : 0);
+}
+
+at::Tensor pack_conv2d_int8_weight_cuda(const at::Tensor& weight, int64_t groups) {
+  TORCH_CHECK(weight.scalar_type() == at::kChar, "qkernels: pack_conv2d_int8_weight: weight must be int8, got ",
+              weight.scalar_type());
+  TORCH_CHECK(weight.dim() == 4, "qkernels: pack_conv2d_int8_weight: weight must be 4-D [O, C/groups, kh, kw], got shape ",
+              weight.sizes());
+  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, "qkernels: pack_conv2d_int8_weight: groups (", groups,
+              ") must divide the output channels (", weight.size(0), ")");
+  c10::cuda::CUDAGuard guard(weight.device());
+  at::Tensor packed = at::empty({packed_numel(weight, groups)}, weight.options());
+  const int64_t O = weight.size(0), Cg = weight.size(1), kh = weight.size(2), kw = weight.size(3);
+  if (is_depthwise_weight(weight, groups))
+    packed.narrow(0, kDepthwisePackPadding, weight.numel()).view({kh, kw, O}).copy_(weight.select(1, 0).permute({1, 2, 0}));
+  else
+    packed.view({O, kh, kw, Cg}).copy_(weight.permute({0, 2, 3, 1}));
+  return packed;
+}
+
+// `packed`: a pack of this weight (see above), or undefined.
+at::Tensor conv2d_int8_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed,
+                            const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t groups, const at::Tensor& scale, at::ScalarType out_dtype,
+                            c10::string_view activation) {
   const Int8ConvShape s =
       check_conv2d_int8(x, weight, bias, stride, padding, dilation, groups, scale, out_dtype, activation);
   c10::cuda::CUDAGuard guard(x.device());
@@ -478,23 +513,40 @@ at::Tensor conv2d_int8_cuda(const at::Tensor& x, const at::Tensor& weight, const
   if (out.numel() == 0) return out;
   const KernelChoice choice = requested_kernel();
   const bool depthwise = s.groups == s.C && s.groups == s.O;
+  const bool use_pack = packed.defined() && packed.device() == weight.device() && packed.scalar_type() == at::kChar &&
+                        packed.dim() == 1 && packed.is_contiguous() && packed.numel() == packed_numel(weight, groups);
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor scale_c = scale.contiguous();
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const float* sp = scale_c.data_ptr<float>();
   const float* bp = bias.has_value() ? bias_c.data_ptr<float>() : nullptr;
   if (depthwise && choice != KernelChoice::kGeneral) {
-    // [kh][kw][C]: a view of the weight when it is stored that way (int8_layout), else a copy
-    const at::Tensor wt = weight.permute({2, 3, 1, 0}).contiguous();
+    // [kh][kw][C]: the pack, or the weight itself when it is stored that way, else a copy
+    const at::Tensor wt = use_pack ? packed.narrow(0, kDepthwisePackPadding, weight.numel())
+                                   : weight.permute({2, 3, 1, 0}).contiguous();
     if (launch_depthwise_tiled(s, xc, wt, out, sp, bp)) return out;
   }
-  // [O][kh][kw][C/g]: the weight itself when it is channels-last, else a copy. The general depthwise
-  // kernel reads [C][kh*kw], which is the same memory (C/g = 1).
-  const at::Tensor wc = depthwise ? weight.contiguous() : weight.contiguous(at::MemoryFormat::ChannelsLast);
+  // [O][kh][kw][C/g]: the pack, or the weight itself when it is channels-last, else a copy. The general
+  // depthwise kernel reads [C][kh*kw], the weight's own layout (C/g = 1).
+  const at::Tensor wc = depthwise ? weight.contiguous()
+                                  : (use_pack ? packed : weight.contiguous(at::MemoryFormat::ChannelsLast));
   if (!depthwise && launch_tensor_core_gemm(s, xc, wc, out, sp, bp, choice)) return out;
   ConvParams p = general_params(s, xc, wc, out, sp, bp);
   launch_general(p, depthwise);
   return out;
+}
+
+at::Tensor conv2d_int8_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                            const at::Tensor& scale, at::ScalarType out_dtype, c10::string_view activation) {
+  return conv2d_int8_impl(x, weight, at::Tensor(), bias, stride, padding, dilation, groups, scale, out_dtype, activation);
+}
+
+at::Tensor conv2d_int8_packed_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed,
+                                   const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                   const at::Tensor& scale, at::ScalarType out_dtype, c10::string_view activation) {
+  return conv2d_int8_impl(x, weight, packed, bias, stride, padding, dilation, groups, scale, out_dtype, activation);
 }
 
 at::Tensor linear_int8_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -523,6 +575,8 @@ at::Tensor linear_int8_cuda(const at::Tensor& x, const at::Tensor& weight, const
 TORCH_LIBRARY_IMPL(qkernels, CUDA, m) {
   m.impl("conv2d_int8", &conv2d_int8_cuda);
   m.impl("linear_int8", &linear_int8_cuda);
+  m.impl("conv2d_int8_packed", &conv2d_int8_packed_cuda);
+  m.impl("pack_conv2d_int8_weight", &pack_conv2d_int8_weight_cuda);
 }
 
 }  // namespace qkernels

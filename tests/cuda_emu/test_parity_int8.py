@@ -225,75 +225,77 @@ def test_general_kernels_on_tensor_core_shapes(emu, monkeypatch, kernel):
         _check_conv(emu, by_name[name], seed=1)
 
 
-# --- weights stored in the kernels' layout (qkernels.ops.int8_layout) ---------------------------------------
+# --- weights packed once (pack_conv2d_int8_weight / conv2d_int8_packed) or stored in the kernels' layout ---
 
 LAYOUT_CASES = [c for c in CONV_CASES if c[0] in ("pw 32->64", "extra 3x3 128->256 s2 3->2", "dw32 s1", "dw200 s2 odd",
                                                     "groups 4 multiplier 2", "dw 4x2 kernel stride (3, 1)")]
 
 
-@pytest.mark.parametrize("case", LAYOUT_CASES, ids=[c[0] for c in LAYOUT_CASES])
-def test_weights_in_the_cuda_layout_give_the_same_result(emu, case):
-    from qkernels.ops.int8_layout import cuda_weight_layout
+def _is_depthwise(wt, groups):
+    return wt.shape[1] == 1 and wt.shape[0] == groups
 
+
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=[c[0] for c in LAYOUT_CASES])
+def test_packed_weights_give_the_same_result(emu, case):
+    """The CUDA pack: [O][kh][kw][C/g] for the GEMMs, 16 bytes then [kh][kw][C] for depthwise convs. Given
+    to conv2d_int8_packed it replaces the per-call permute; a pack of the other kind or another shape is
+    ignored; a weight stored in the kernels' memory layout is read in place."""
     x, wt, scale, bias, geometry = _conv_inputs(case, seed=2)
-    packed = cuda_weight_layout(wt, geometry[3])
-    assert torch.equal(packed, wt) and packed.shape == wt.shape
-    assert cuda_weight_layout(packed, geometry[3]) is packed  # already packed: no copy
-    if geometry[3] == wt.shape[0] and wt.shape[1] == 1:
-        assert packed.permute(2, 3, 1, 0).is_contiguous()  # [kh][kw][C] in memory
+    g = geometry[3]
+    packed = emu.pack_conv2d_int8_weight(wt, g)
+    if _is_depthwise(wt, g):
+        assert torch.equal(packed[16:], wt[:, 0].permute(1, 2, 0).flatten())
+        in_layout = wt.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)  # [kh][kw][C] strides
     else:
-        assert packed.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(packed, wt.permute(0, 2, 3, 1).flatten())
+        in_layout = wt.contiguous(memory_format=torch.channels_last)
+    s, p, d, _ = geometry
     for out_dtype, act in ((torch.float32, "relu"), (torch.int8, "none")):
         want = _run_conv(cpu, x, wt, bias, scale, geometry, out_dtype, act)
-        assert_same(_run_conv(emu, x, packed, bias, scale, geometry, out_dtype, act), want, case[0])
-        assert_same(_run_conv(cpu, x, packed, bias, scale, geometry, out_dtype, act), want, case[0] + " on the CPU")
+        other_kind = torch.zeros(wt.numel() + (0 if _is_depthwise(wt, g) else 16), dtype=torch.int8)
+        for blob in (packed, torch.empty(0, dtype=torch.int8), packed[:-1], other_kind):
+            got = emu.conv2d_int8_packed(x, wt, blob, bias, s, p, d, g, scale, out_dtype, act)
+            assert_same(got, want, "%s packed %d bytes" % (case[0], blob.numel()))
+        assert_same(_run_conv(emu, x, in_layout, bias, scale, geometry, out_dtype, act), want, case[0] + " in layout")
 
 
-def _int8_model(device="cpu"):
-    from torch import nn
-
-    from qkernels import QuantizeTranspiler
-
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=32),
-                        nn.ReLU(), nn.Conv2d(32, 16, 1)).to(device)
-    t = QuantizeTranspiler(activation_quantize_type="abs_max")
-    return t.convert_to_int8(t.freeze_program(t.training_transpile(net)))
-
-
-def _int8_convs(model):
-    from qkernels.nn.int8_layers import Int8Conv2d
-
-    return [m for m in model.modules() if isinstance(m, Int8Conv2d)]
-
-
-def test_int8_conv_weights_follow_the_device_layout_on_the_cpu():
-    from qkernels.ops.int8_layout import cuda_weight_layout
-
-    model = _int8_model()
-    convs = _int8_convs(model)
-    assert len(convs) == 3 and all(m.weight.is_contiguous() for m in convs)
-    x = torch.randn(2, 16, 7, 6)
-    want = model(x)
-    for m in convs:  # as if it came from a GPU
-        m.weight = cuda_weight_layout(m.weight, m.groups)
-    assert not convs[0].weight.is_contiguous()
-    model.cpu()
-    assert all(m.weight.is_contiguous() for m in convs)
-    assert torch.equal(model(x), want)
+def test_a_pack_saves_the_per_call_layout_copy(emu, monkeypatch):
+    """With the pack (or a weight in layout) the call reads it as it is: the same kernel and result as with a
+    copy made per call, checked by poisoning the weight the pack was made from."""
+    by_name = {c[0]: c for c in CONV_CASES}
+    for name in ("pw 512->512", "dw32 s1"):
+        x, wt, scale, bias, geometry = _conv_inputs(by_name[name], seed=8)
+        s, p, d, g = geometry
+        packed = emu.pack_conv2d_int8_weight(wt, g)
+        want = _run_conv(cpu, x, wt, bias, scale, geometry, torch.int8, "relu")
+        poisoned = torch.zeros_like(wt)  # same shape; only the pack holds the real values
+        got, log = _launches(emu, lambda: emu.conv2d_int8_packed(x, poisoned, packed, bias, s, p, d, g, scale,
+                                                                 torch.int8, "relu"))
+        assert len(log) == 1 and log[0].split(" ")[0] in ("igemm_s8_kernel<Cfg,", "depthwise_tile_kernel<16>"), log
+        assert_same(got, want, name)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_int8_conv_weights_are_packed_for_cuda_when_converted_or_moved():
-    cpu_model = _int8_model()
+def test_int8_convs_are_packed_for_cuda_when_converted_or_moved():
+    from torch import nn
+
+    from qkernels import QuantizeTranspiler
+    from qkernels.nn.int8_layers import Int8Conv2d
+
+    def int8_model(device):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=32),
+                            nn.ReLU(), nn.Conv2d(32, 16, 1)).to(device)
+        t = QuantizeTranspiler(activation_quantize_type="abs_max")
+        return t.convert_to_int8(t.freeze_program(t.training_transpile(net)))
+
     x = torch.randn(2, 16, 9, 8)
-    want = cpu_model(x)
-    for model in (_int8_model("cuda"), _int8_model().cuda()):
-        convs = _int8_convs(model)
-        assert convs[0].weight.is_contiguous(memory_format=torch.channels_last)
-        assert convs[1].weight.permute(2, 3, 1, 0).is_contiguous()
-        got = model(x.cuda())
-        assert torch.equal(got.cpu(), want)
+    want = int8_model("cpu")(x)
+    for model in (int8_model("cuda"), int8_model("cpu").cuda()):
+        convs = [m for m in model.modules() if isinstance(m, Int8Conv2d)]
+        assert [m._packed_weight.numel() - m.weight.numel() for m in convs] == [0, 16, 0]
+        assert all(m._packed_weight.is_cuda for m in convs)
+        assert torch.equal(model(x.cuda()).cpu(), want)
 
 
 @pytest.mark.parametrize("sms,splits", [(132, 8), (16, 2), (1, 1)])
