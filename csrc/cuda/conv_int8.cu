@@ -308,7 +308,6 @@ int sm_count(int dev) {
   return n;
 }
 
-
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 constexpr int64_t kInt32Limit = int64_t(1) << 31;
