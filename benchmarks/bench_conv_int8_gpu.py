@@ -80,7 +80,7 @@ def conv_case(layer, batch, device):
     out_size = (size + 2 * pad - k) // s + 1
     macs = batch * out_size * out_size * o * (c // g) * k * k
     nbytes = batch * c * size * size
-    xs = common.rotating(lambda: torch.randint(-128, 128, (batch, c, size, size), dtype=torch.int8).to(device)
+    xs = common.rotating(lambda: torch.randint(-128, 128, (batch, c, size, size), dtype=torch.int8, device=device)
                          .contiguous(memory_format=torch.channels_last), common.buffer_count(4 * nbytes))
     w8d = w8.to(device)
     packed = qkernels.pack_conv2d_int8_weight(w8d, g)
