@@ -1,12 +1,13 @@
 """qkernels.int8_fusion: layers whose output several int8 layers read (one static scale) write int8 codes,
 found by one traced forward (convert_to_int8(model, example_inputs=...)); never when anything else reads it."""
 import copy
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from qkernels import QuantizeTranspiler
+from qkernels import GraphTraceWarning, QuantizeTranspiler
 from qkernels.nn.int8_layers import Int8Conv2d
 
 from test_transpiler import check_int8_layer_by_layer
@@ -17,8 +18,9 @@ def block(c_in, c_out, k=3, stride=1):
 
 
 class SharedMap(nn.Module):
-    """A body whose output map feeds the next block and two heads (the SSD pattern); `extra` adds a read of the
-    map outside the int8 layers, `expose` returns the map itself."""
+    """A body whose output map feeds the next block and two heads (the SSD pattern, down to the input check
+    that torch.fx cannot trace, so the transpiler falls back to module order); `extra` adds a read of the map
+    outside the int8 layers, `expose` returns the map itself."""
 
     def __init__(self, extra=False, expose=False):
         super().__init__()
@@ -28,6 +30,8 @@ class SharedMap(nn.Module):
         self.extra, self.expose = extra, expose
 
     def forward(self, x):
+        if x.dim() != 4:
+            raise ValueError("expected a batch of images")
         fmap = self.body(x)
         deeper = self.next(fmap)
         outs = [h(fmap).flatten(1) for h in self.heads] + [deeper.flatten(1)]
@@ -40,6 +44,7 @@ class SharedMap(nn.Module):
 
 def converted(net, kind="range_abs_max", trace=True):
     torch.manual_seed(0)
+    warnings.simplefilter("ignore", GraphTraceWarning)
     t = QuantizeTranspiler(activation_quantize_type=kind, fold_bn=True)
     qat = t.training_transpile(net).train()
     gen = torch.Generator().manual_seed(1)
