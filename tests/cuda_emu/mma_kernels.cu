@@ -210,11 +210,20 @@ at::Tensor pipeline(const at::Tensor& tiles, int64_t stages, int64_t arch) {
 }
 
 // --- the shared-memory swizzle of a k-tile ---------------------------------------------------------------
+// Computed by a kernel: SwizzledTile::offset is device code, as the GEMM uses it.
 
-std::vector<int64_t> swizzled_offsets(int64_t rows) {
-  std::vector<int64_t> out;
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < 4; ++c) out.push_back(SwizzledTile::offset(r, c));
+__global__ void swizzle_kernel(const int32_t* rows, int n, int32_t* out) {
+  for (int i = (int)threadIdx.x; i < 4 * n; i += (int)blockDim.x) out[i] = SwizzledTile::offset(rows[i / 4], i % 4);
+}
+
+// [n][4]: the byte offset of logical chunk c of row rows[i] in a stage.
+at::Tensor swizzled_offsets(const at::Tensor& rows) {
+  TORCH_CHECK(rows.scalar_type() == at::kInt && rows.dim() == 1 && rows.is_contiguous() && rows.numel() >= 1 &&
+                  rows.numel() <= 4096,
+              "swizzled_offsets: rows must be a contiguous int32 vector of 1..4096 row indices");
+  at::Tensor out = at::empty({rows.numel(), 4}, rows.options());
+  swizzle_kernel<<<1, 128, 0, stream()>>>(rows.data_ptr<int32_t>(), (int)rows.numel(), out.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
@@ -232,7 +241,7 @@ QK_MMA_DEFINE(QK_MMA_LIB, m) {
   m.def("ldmatrix(Tensor image, Tensor row_offset, int arch) -> Tensor");
   m.def("cp_async(Tensor src, Tensor src_chunk, int kept, int arch) -> (Tensor, Tensor)");
   m.def("pipeline(Tensor tiles, int stages, int arch) -> Tensor");
-  m.def("swizzled_offsets(int rows) -> int[]", &swizzled_offsets);
+  m.def("swizzled_offsets(Tensor rows) -> Tensor");
 }
 
 QK_MMA_IMPL(QK_MMA_LIB, m) {
@@ -240,4 +249,5 @@ QK_MMA_IMPL(QK_MMA_LIB, m) {
   m.impl("ldmatrix", &ldmatrix);
   m.impl("cp_async", &cp_async);
   m.impl("pipeline", &pipeline);
+  m.impl("swizzled_offsets", &swizzled_offsets);
 }

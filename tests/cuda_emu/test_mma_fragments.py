@@ -158,7 +158,7 @@ def test_ldmatrix_row_addresses_of_the_warp_tile_give_mma_fragments(ops, arch):
 
 def test_swizzle_is_a_bijection_without_bank_conflicts(ops):
     rows = 128
-    off = np.array(ops.swizzled_offsets(rows)).reshape(rows, 4)  # [row][logical chunk] -> byte offset
+    off = ops.swizzled_offsets(torch.arange(rows, dtype=torch.int32)).numpy()  # [row][logical chunk] -> byte offset
     assert (off % 16 == 0).all() and sorted(off.ravel() // 16) == list(range(rows * 4))
     assert all((off[r] // 64 == r).all() for r in range(rows))  # a chunk stays in its row
     bank_group = (off // 16) % 8  # 8 groups of 4 banks: 16 bytes each, 128 bytes per wavefront
