@@ -58,38 +58,37 @@ def main(argv=None):
     args = _args(argv)
     import torch
 
-    from ssd import main_quant as mq
-    from ssd.data import EvalTransform, VOCDataset, make_loader, resolve_label_list
-    from ssd.data.transforms import IMAGE_SIZE
+    from ssd import checkpoint as ck
+    from ssd import main_quant
+    from ssd.data import IMAGE_SIZE, EvalTransform, VOCDataset, build_datasets, default_image_sets, eval_loader
+    from ssd.engine import evaluate as evaluate_map
 
     def log(msg):
         print(msg, flush=True)
 
     torch.manual_seed(0)
     dataset = _ensure_dataset(args, log)
-    labels = resolve_label_list(args.data_dir, None)
-    train_set, test_set = mq.default_sets(args.data_dir)
-    test_ds = VOCDataset(args.data_dir, test_set, labels, EvalTransform(IMAGE_SIZE), seed=0)
+    labels, _, test_ds = build_datasets(args.data_dir, None, None, need_train=False)
+    train_set, _test_set = default_image_sets(args.data_dir)
     calib_ds = VOCDataset(args.data_dir, train_set, labels, EvalTransform(IMAGE_SIZE), seed=0)
-    test_loader = make_loader(test_ds, args.batch_size, shuffle=False)
-    calib_loader = make_loader(calib_ds, args.batch_size, shuffle=True, seed=1)
+    test_loader = eval_loader(test_ds, args.batch_size)
     calib = []
-    for images, *_ in calib_loader:
-        calib.append(images)
+    for batch in eval_loader(calib_ds, args.batch_size):  # the first training images (the set is random)
+        calib.append(batch.images)
         if len(calib) == args.calib_batches:
             break
     device = torch.device("cpu")
     quant = {"act_quant_type": args.act_quant_type, "weight_quant_type": args.weight_quant_type, "fold_bn": False}
-    float_model = mq.model_from_checkpoint(mq.read_checkpoint(args.init_model)).eval()
+    float_model = ck.model_from_checkpoint(ck.read_checkpoint(args.init_model)).eval()
     rows, load = [], [os.getloadavg()]
 
     def evaluate(name, model, seconds=None):
-        r = mq.evaluate(model, test_loader, len(labels), device)
+        r = evaluate_map(model, test_loader, len(labels), device)
         rows.append({"variant": name, "map": r["map"], "ms_per_image": r["ms_per_image"], "prep_s": seconds})
         log("%-28s mAP %.4f  %.1f ms/image" % (name, r["map"], r["ms_per_image"]))
 
     def deployed(name, qat_model, seconds):
-        t = mq.make_transpiler(quant)
+        t = ck.make_transpiler(quant)
         frozen = t.freeze_program(copy.deepcopy(qat_model).eval())
         evaluate(name + ", frozen", frozen, seconds)
         evaluate(name + ", int8", t.convert_to_int8(copy.deepcopy(frozen), example_inputs=(calib[0][:1],)), seconds)
@@ -97,7 +96,7 @@ def main(argv=None):
     evaluate("float32", float_model)
     for method in ("abs_max", "percentile", "mse"):
         start = time.perf_counter()
-        t = mq.make_transpiler(quant)
+        t = ck.make_transpiler(quant)
         model = t.training_transpile(copy.deepcopy(float_model))
         t.calibrate(model, calib, method=method, percentile=args.percentile)
         label = "calibrated %s" % (method if method != "percentile" else "percentile %g" % args.percentile)
@@ -105,13 +104,13 @@ def main(argv=None):
     if args.qat_epochs > 0:
         start = time.perf_counter()
         save = Path(args.work_dir) / ("qat_%s" % args.act_quant_type)
-        mq.run(["--mode", "train", "--data_dir", args.data_dir, "--init_model", args.init_model,
+        main_quant.run(["--mode", "train", "--data_dir", args.data_dir, "--init_model", args.init_model,
                 "--act_quant_type", args.act_quant_type, "--weight_quant_type", args.weight_quant_type,
                 "--epoc_num", str(args.qat_epochs), "--learning_rate", "0.0001", "--lr_epochs", "30,60",
                 "--lr_decay_rates", "1,0.1,0.01", "--batch_size", str(args.batch_size), "--num_workers", "1",
                 "--augment", "light", "--seed", "0", "--use_gpu", "false", "--model_save_dir", str(save),
                 "--quiet"])
-        qat = mq.model_from_checkpoint(mq.read_checkpoint(save / "last.pt")).eval()
+        qat = ck.model_from_checkpoint(ck.read_checkpoint(save / "last.pt")).eval()
         deployed("QAT %d epochs" % args.qat_epochs, qat, time.perf_counter() - start)
     load.append(os.getloadavg())
 
