@@ -36,7 +36,7 @@ namespace qkernels {
 namespace {
 
 using cuda_io::Dt;
-using cuda_io::Floats;
+using cuda_io::Slot;
 using cuda_io::Storage;
 using cuda_io::slot_width;
 using cuda_io::to_float;
@@ -126,18 +126,18 @@ __device__ __forceinline__ unsigned thread_abs_max(const Storage<D>* __restrict_
   if (t < head) m = abs_bits(to_float<D>(x[t]));
   int64_t i = t;
   for (; i + (kUnroll - 1) * nt < slots; i += kUnroll * nt) {
-    Floats<V> f[kUnroll];
+    Slot<D> f[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) f[u] = cuda_io::load_aligned<D>(body + (i + u * nt) * V);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
-      for (int j = 0; j < V; ++j) m = max(m, abs_bits(f[u].v[j]));
+      for (int j = 0; j < V; ++j) m = max(m, abs_bits(f[u].get(j)));
   }
   for (; i < slots; i += nt) {
-    const Floats<V> f = cuda_io::load_aligned<D>(body + i * V);
+    const Slot<D> f = cuda_io::load_aligned<D>(body + i * V);
 #pragma unroll
-    for (int j = 0; j < V; ++j) m = max(m, abs_bits(f.v[j]));
+    for (int j = 0; j < V; ++j) m = max(m, abs_bits(f.get(j)));
   }
   const int64_t tail = head + slots * V;
   if (t < n - tail) m = max(m, abs_bits(to_float<D>(x[tail + t])));
@@ -171,13 +171,13 @@ __device__ __forceinline__ void quantize_tiles(const Storage<D>* __restrict__ x,
   const int lane = threadIdx.x & 31;
   const int64_t slots = (n + V - 1) / V;
   for (int64_t t = warp * (32 * kUnroll); t < slots; t += warps * (32 * kUnroll)) {  // warp-uniform
-    Floats<V> f[kUnroll];
+    Slot<D> f[kUnroll];
     int count[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t e = (t + u * 32 + lane) * V;
       count[u] = slot_count<V>(e, n);
-      f[u] = count[u] > 0 ? cuda_io::load_slot<D>(x + e, count[u]) : Floats<V>{};
+      f[u] = cuda_io::load_slot<D>(x + e, count[u]);  // count 0: reads nothing
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -186,19 +186,18 @@ __device__ __forceinline__ void quantize_tiles(const Storage<D>* __restrict__ x,
         if constexpr (kCodes) {
           int c[V];
 #pragma unroll
-          for (int j = 0; j < V; ++j) c[j] = quant_code_int(f[u].v[j], p);
+          for (int j = 0; j < V; ++j) c[j] = quant_code_int(f[u].get(j), p);
           cuda_io::store_codes<Out, V>(out + e, c, count[u]);
         } else {
-          Floats<V> o;
 #pragma unroll
-          for (int j = 0; j < V; ++j) o.v[j] = fake_quant(f[u].v[j], p);
-          cuda_io::store_slot<D>(out + e, o, count[u]);
+          for (int j = 0; j < V; ++j) f[u].set(j, fake_quant(f[u].get(j), p));
+          cuda_io::store_slot<D>(out + e, f[u], count[u]);
         }
       }
       if constexpr (kMask) {
-        unsigned bits = 0;
+        unsigned bits = 0;  // taken before the slot is overwritten below
 #pragma unroll
-        for (int j = 0; j < V; ++j) bits |= (j < count[u] && fabsf(f[u].v[j]) <= s) ? 1u << j : 0u;
+        for (int j = 0; j < V; ++j) bits |= (j < count[u] && fabsf(f[u].get(j)) <= s) ? 1u << j : 0u;
         bits = cuda_reduce::group_or(bits << ((lane % kGroup) * V), kGroup);
         if (lane % kGroup == 0 && count[u] > 0) mask[e / 32] = bits;
       }
@@ -265,14 +264,14 @@ __device__ __forceinline__ void gate_gradient(const Storage<D>* __restrict__ g, 
   constexpr int V = slot_width<D>();
   const int64_t slots = (n + V - 1) / V, nt = (int64_t)gridDim.x * blockDim.x;
   for (int64_t k0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k0 < slots; k0 += kUnroll * nt) {
-    cuda_io::Raw<D> r[kUnroll];
+    Slot<D> r[kUnroll];
     unsigned bits[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t e = (k0 + u * nt) * V;
       const int count = slot_count<V>(e, n);
       if (count > 0) {
-        r[u] = cuda_io::load_raw<D>(g + e, count);
+        r[u] = cuda_io::load_slot<D>(g + e, count);
         bits[u] = keep(e, count);
       }
     }
@@ -283,8 +282,8 @@ __device__ __forceinline__ void gate_gradient(const Storage<D>* __restrict__ g, 
       if (count > 0) {
 #pragma unroll
         for (int j = 0; j < V; ++j)
-          if (!((bits[u] >> j) & 1u)) r[u].v[j] = Storage<D>(0);
-        cuda_io::store_raw<D>(out + e, r[u], count);
+          if (!((bits[u] >> j) & 1u)) r[u].set_bits(j, Storage<D>(0));
+        cuda_io::store_slot<D>(out + e, r[u], count);
       }
     }
   }
@@ -296,10 +295,10 @@ __global__ void __launch_bounds__(kThreads)
                      int64_t n, const float* __restrict__ scale) {
   const float s = __ldg(scale);
   gate_gradient<D>(g, out, n, [&](int64_t e, int count) {
-    const Floats<slot_width<D>()> xv = cuda_io::load_slot<D>(x + e, count);
+    const Slot<D> xv = cuda_io::load_slot<D>(x + e, count);
     unsigned bits = 0;
 #pragma unroll
-    for (int j = 0; j < slot_width<D>(); ++j) bits |= fabsf(xv.v[j]) <= s ? 1u << j : 0u;  // false for NaN
+    for (int j = 0; j < slot_width<D>(); ++j) bits |= fabsf(xv.get(j)) <= s ? 1u << j : 0u;  // false for NaN
     return bits;
   });
 }
@@ -379,17 +378,17 @@ __device__ __forceinline__ void channel_max_tiles(const Storage<D>* __restrict__
       if (r < g.rows) {
         const Storage<D>* row = x + r * g.cols;
         for (int64_t c0 = bx * tx * g.items; c0 < slots; c0 += nbx * tx * g.items) {
-          Floats<V> f[kUnroll];
+          Slot<D> f[kUnroll];
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u) {
             const int64_t sl = c0 + u * tx + xi;
             const int count = u < g.items ? slot_count<V>(sl * V, g.cols) : 0;
-            f[u] = count > 0 ? cuda_io::load_slot<D>(row + sl * V, count) : Floats<V>{};
+            f[u] = cuda_io::load_slot<D>(row + sl * V, count);  // count 0: zeros
           }
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
-            for (int j = 0; j < V; ++j) m = max(m, abs_bits(f[u].v[j]));
+            for (int j = 0; j < V; ++j) m = max(m, abs_bits(f[u].get(j)));
         }
       }
       // the tx (>= 32) threads of row yi are whole warps: warp max, then one atomic per block and row
@@ -410,17 +409,17 @@ __device__ __forceinline__ void channel_max_tiles(const Storage<D>* __restrict__
       const int count = slot_count<V>(sl * V, g.cols);
       unsigned m[V] = {};
       for (int64_t r0 = by * ty * g.items; r0 < g.rows; r0 += nby * ty * g.items) {
-        Floats<V> f[kUnroll];
+        Slot<D> f[kUnroll];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int64_t r = r0 + u * ty + yi;
           const int c = (u < g.items && r < g.rows) ? count : 0;
-          f[u] = c > 0 ? cuda_io::load_slot<D>(x + r * g.cols + sl * V, c) : Floats<V>{};
+          f[u] = cuda_io::load_slot<D>(x + r * g.cols + sl * V, c);  // c 0: zeros
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
-          for (int j = 0; j < V; ++j) m[j] = max(m[j], abs_bits(f[u].v[j]));
+          for (int j = 0; j < V; ++j) m[j] = max(m[j], abs_bits(f[u].get(j)));
       }
 #pragma unroll
       for (int j = 0; j < V; ++j) column_max[yi * (tx * V) + xi * V + j] = m[j];
@@ -437,19 +436,18 @@ __device__ __forceinline__ void channel_max_tiles(const Storage<D>* __restrict__
 }
 
 template <typename Out, bool kCodes, Dt D>
-__device__ __forceinline__ void quantize_slot(const Floats<slot_width<D>()>& f, const QuantParams* p, Storage<D>* out_fake,
-                                              Out* out_codes, int count) {
+__device__ __forceinline__ void quantize_slot(Slot<D> f, const QuantParams* p, Storage<D>* out_fake, Out* out_codes,
+                                              int count) {
   constexpr int V = slot_width<D>();
   if constexpr (kCodes) {
     int c[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) c[j] = quant_code_int(f.v[j], p[j]);
+    for (int j = 0; j < V; ++j) c[j] = quant_code_int(f.get(j), p[j]);
     cuda_io::store_codes<Out, V>(out_codes, c, count);
   } else {
-    Floats<V> o;
 #pragma unroll
-    for (int j = 0; j < V; ++j) o.v[j] = fake_quant(f.v[j], p[j]);
-    cuda_io::store_slot<D>(out_fake, o, count);
+    for (int j = 0; j < V; ++j) f.set(j, fake_quant(f.get(j), p[j]));
+    cuda_io::store_slot<D>(out_fake, f, count);
   }
 }
 
@@ -469,13 +467,13 @@ __device__ __forceinline__ void channel_quantize_tiles(const Storage<D>* __restr
       for (int j = 1; j < V; ++j) p[j] = p[0];
       const int64_t base = r * g.cols;
       for (int64_t c0 = bx * tx * g.items; c0 < slots; c0 += nbx * tx * g.items) {
-        Floats<V> f[kUnroll];
+        Slot<D> f[kUnroll];
         int count[kUnroll];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int64_t sl = c0 + u * tx + xi;
           count[u] = u < g.items ? slot_count<V>(sl * V, g.cols) : 0;
-          if (count[u] > 0) f[u] = cuda_io::load_slot<D>(x + base + sl * V, count[u]);
+          f[u] = cuda_io::load_slot<D>(x + base + sl * V, count[u]);
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -502,13 +500,13 @@ __device__ __forceinline__ void channel_quantize_tiles(const Storage<D>* __restr
         }
       }
       for (int64_t r0 = by * ty * g.items; r0 < g.rows; r0 += nby * ty * g.items) {
-        Floats<V> f[kUnroll];
+        Slot<D> f[kUnroll];
         int c[kUnroll];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int64_t r = r0 + u * ty + yi;
           c[u] = (u < g.items && r < g.rows) ? count : 0;
-          if (c[u] > 0) f[u] = cuda_io::load_slot<D>(x + r * g.cols + j0, c[u]);
+          f[u] = cuda_io::load_slot<D>(x + r * g.cols + j0, c[u]);
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {

@@ -58,106 +58,61 @@ __device__ __forceinline__ bool aligned_to(const void* p, unsigned bytes) {
   return ((uintptr_t)p & (uintptr_t)(bytes - 1)) == 0;
 }
 
-// A slot of up to V floats: `count` of them valid (the rest read as 0).
-template <int V>
-struct Floats {
-  float v[V];
+// The storage bits of one slot, packed as memory holds them: 4 registers whatever the dtype, so kernels
+// keep several slots in flight cheaply and convert to float only where they compute. Element indices
+// are compile-time constants once loops are unrolled, so the component selects vanish.
+template <Dt D>
+struct Slot {
+  uint4 w;
+
+  __device__ __forceinline__ unsigned& word(int k) { return k == 0 ? w.x : (k == 1 ? w.y : (k == 2 ? w.z : w.w)); }
+  __device__ __forceinline__ unsigned word(int k) const { return k == 0 ? w.x : (k == 1 ? w.y : (k == 2 ? w.z : w.w)); }
+
+  __device__ __forceinline__ Storage<D> bits(int j) const {
+    if constexpr (D == Dt::kF32)
+      return __uint_as_float(word(j));
+    else
+      return (uint16_t)(j & 1 ? word(j / 2) >> 16 : word(j / 2) & 0xffffu);
+  }
+  __device__ __forceinline__ void set_bits(int j, Storage<D> v) {
+    if constexpr (D == Dt::kF32) {
+      word(j) = __float_as_uint(v);
+    } else {
+      unsigned& x = word(j / 2);
+      x = j & 1 ? (x & 0xffffu) | ((unsigned)v << 16) : (x & 0xffff0000u) | (unsigned)v;
+    }
+  }
+  __device__ __forceinline__ float get(int j) const { return to_float<D>(bits(j)); }
+  __device__ __forceinline__ void set(int j, float f) { set_bits(j, from_float<D>(f)); }
 };
 
 // One 128-bit load; p must be 16-byte aligned.
 template <Dt D>
-__device__ __forceinline__ Floats<slot_width<D>()> load_aligned(const Storage<D>* p) {
+__device__ __forceinline__ Slot<D> load_aligned(const Storage<D>* p) {
+  return Slot<D>{__ldg(reinterpret_cast<const uint4*>(p))};
+}
+
+// `count` elements at p (missing ones read as zero bits).
+template <Dt D>
+__device__ __forceinline__ Slot<D> load_slot(const Storage<D>* p, int count) {
   constexpr int V = slot_width<D>();
-  Floats<V> f;
-  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
-  const unsigned w[4] = {u.x, u.y, u.z, u.w};
+  if (count == V && aligned_to(p, 16)) return load_aligned<D>(p);
+  Slot<D> s{make_uint4(0u, 0u, 0u, 0u)};
 #pragma unroll
-  for (int j = 0; j < V; ++j) {
-    if constexpr (D == Dt::kF32)
-      f.v[j] = __uint_as_float(w[j]);
-    else
-      f.v[j] = to_float<D>((uint16_t)(j & 1 ? w[j / 2] >> 16 : w[j / 2] & 0xffffu));
-  }
-  return f;
+  for (int j = 0; j < V; ++j)
+    if (j < count) s.set_bits(j, p[j]);
+  return s;
 }
 
 template <Dt D>
-__device__ __forceinline__ Floats<slot_width<D>()> load_slot(const Storage<D>* p, int count) {
-  constexpr int V = slot_width<D>();
-  Floats<V> f;
-  if (count == V && aligned_to(p, 16)) {
-    f = load_aligned<D>(p);
-  } else {
-#pragma unroll
-    for (int j = 0; j < V; ++j) f.v[j] = j < count ? to_float<D>(p[j]) : 0.f;
-  }
-  return f;
-}
-
-template <Dt D>
-__device__ __forceinline__ void store_slot(Storage<D>* p, const Floats<slot_width<D>()>& f, int count) {
+__device__ __forceinline__ void store_slot(Storage<D>* p, const Slot<D>& s, int count) {
   constexpr int V = slot_width<D>();
   if (count == V && aligned_to(p, 16)) {
-    unsigned w[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      if constexpr (D == Dt::kF32)
-        w[k] = __float_as_uint(f.v[k]);
-      else
-        w[k] = (unsigned)from_float<D>(f.v[2 * k]) | ((unsigned)from_float<D>(f.v[2 * k + 1]) << 16);
-    }
-    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+    *reinterpret_cast<uint4*>(p) = s.w;
   } else {
 #pragma unroll
     for (int j = 0; j < V; ++j)
-      if (j < count) p[j] = from_float<D>(f.v[j]);
-  }
-}
-
-// A slot's raw elements (bits passed through unchanged, e.g. a gradient that is kept or zeroed).
-template <Dt D>
-struct Raw {
-  Storage<D> v[slot_width<D>()];
-};
-
-template <Dt D>
-__device__ __forceinline__ Raw<D> load_raw(const Storage<D>* p, int count) {
-  constexpr int V = slot_width<D>();
-  Raw<D> r;
-  if (count == V && aligned_to(p, 16)) {
-    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
-    const unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      if constexpr (D == Dt::kF32)
-        r.v[j] = __uint_as_float(w[j]);
-      else
-        r.v[j] = (uint16_t)(j & 1 ? w[j / 2] >> 16 : w[j / 2] & 0xffffu);
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < V; ++j) r.v[j] = j < count ? p[j] : Storage<D>(0);
-  }
-  return r;
-}
-
-template <Dt D>
-__device__ __forceinline__ void store_raw(Storage<D>* p, const Raw<D>& r, int count) {
-  constexpr int V = slot_width<D>();
-  if (count == V && aligned_to(p, 16)) {
-    unsigned w[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      if constexpr (D == Dt::kF32)
-        w[k] = __float_as_uint(r.v[k]);
-      else
-        w[k] = (unsigned)r.v[2 * k] | ((unsigned)r.v[2 * k + 1] << 16);
-    }
-    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
-  } else {
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-      if (j < count) p[j] = r.v[j];
+      if (j < count) p[j] = s.bits(j);
   }
 }
 
