@@ -182,6 +182,13 @@ __device__ __forceinline__ void quantize_tiles(const Storage<D>* __restrict__ x,
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t e = (t + u * 32 + lane) * V;
+      if constexpr (kMask) {
+        unsigned bits = 0;  // taken before the slot is overwritten below
+#pragma unroll
+        for (int j = 0; j < V; ++j) bits |= (j < count[u] && fabsf(f[u].get(j)) <= s) ? 1u << j : 0u;
+        bits = cuda_reduce::group_or(bits << ((lane % kGroup) * V), kGroup);
+        if (lane % kGroup == 0 && count[u] > 0) mask[e / 32] = bits;
+      }
       if (count[u] > 0) {
         if constexpr (kCodes) {
           int c[V];
@@ -193,13 +200,6 @@ __device__ __forceinline__ void quantize_tiles(const Storage<D>* __restrict__ x,
           for (int j = 0; j < V; ++j) f[u].set(j, fake_quant(f[u].get(j), p));
           cuda_io::store_slot<D>(out + e, f[u], count[u]);
         }
-      }
-      if constexpr (kMask) {
-        unsigned bits = 0;  // taken before the slot is overwritten below
-#pragma unroll
-        for (int j = 0; j < V; ++j) bits |= (j < count[u] && fabsf(f[u].get(j)) <= s) ? 1u << j : 0u;
-        bits = cuda_reduce::group_or(bits << ((lane % kGroup) * V), kGroup);
-        if (lane % kGroup == 0 && count[u] > 0) mask[e / 32] = bits;
       }
     }
   }
