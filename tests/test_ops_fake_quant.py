@@ -697,6 +697,52 @@ def test_clip_ste_under_torch_compile_matches_eager(device):
     assert results[1][0].stride() == x.stride()
 
 
+# --- recompute_fake_quant_outputs ------------------------------------------------------------------
+
+def quant_conv_step(x, w, scale, ste, rounds=2):
+    """relu -> fake quant (given scale) -> conv with a fake-quantized weight, twice: the convs save their
+    fake-quantized inputs and weights for backward."""
+    for _ in range(rounds):
+        a = qkernels.fake_quant_with_scale(torch.relu(x), scale, 8, ste=ste)
+        wq = qkernels.fake_quant_abs_max(w, 6, ste=ste)[0]
+        x = torch.nn.functional.conv2d(a, wq, padding=1)
+        wc = qkernels.fake_channel_wise_quant_abs_max(w, 8, 0, ste=ste)[0]
+        x = torch.nn.functional.conv2d(x, wc, padding=1)
+    return x.square().sum()
+
+
+@pytest.mark.parametrize("ste", ["identity", "clip"])
+def test_recomputed_fake_quant_outputs_give_the_same_gradients(device, ste, monkeypatch):
+    from qkernels.ops import fake_quant as fq
+
+    x = rand((2, 4, 9, 9), seed=42).to(device).contiguous(memory_format=torch.channels_last)
+    w = rand((4, 4, 3, 3), seed=43).to(device)
+    scale = torch.tensor(1.5, device=device)
+    grads, calls, original = [], [], fq._Recipe.recompute
+    monkeypatch.setattr(fq._Recipe, "recompute", lambda self: calls.append(1) or original(self))
+    for recompute in (False, True):
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        calls.clear()
+        with qkernels.recompute_fake_quant_outputs() if recompute else torch.enable_grad():
+            loss = quant_conv_step(xg, wg, scale, ste)
+        loss.backward()
+        grads.append((loss.detach(), xg.grad, wg.grad))
+        assert len(calls) == (6 if recompute else 0)  # 3 saved conv inputs per round, each recomputed once
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+def test_recompute_refuses_an_input_modified_in_place(device):
+    x = rand((1, 2, 5, 5), seed=44).to(device).requires_grad_(True)
+    w = rand((2, 2, 3, 3), seed=45).to(device).requires_grad_(True)
+    with qkernels.recompute_fake_quant_outputs():
+        a = torch.relu(x) * 1.0  # not saved by anything but the recipe
+        y = torch.nn.functional.conv2d(qkernels.fake_quant_with_scale(a, 1.0, 8), w)
+    with torch.no_grad():
+        a.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place after the forward pass"):
+        y.sum().backward()
+
+
 # --- quantizer state ------------------------------------------------------------------------------
 
 def batch_maxima_sequence():

@@ -9,6 +9,7 @@ from .fake_quant import (  # noqa: F401
     quantize_channel_wise_abs_max,
     quantize_with_scale,
     range_abs_max_update_,
+    recompute_fake_quant_outputs,
 )
 from .int8 import conv2d_int8, linear_int8  # noqa: F401
 
@@ -24,4 +25,5 @@ __all__ = [
     "quantize_channel_wise_abs_max",
     "quantize_with_scale",
     "range_abs_max_update_",
+    "recompute_fake_quant_outputs",
 ]

@@ -13,9 +13,12 @@ Semantics shared by every op here:
 - Outputs keep the strides of a dense input (a channels_last activation stays channels_last, a transposed
   weight stays transposed: nothing is copied); other inputs give contiguous outputs.
 """
+import contextlib
+import threading
 from typing import Tuple
 
 import torch
+import torch.utils.weak
 import torch._prims_common  # noqa: F401  (is_non_overlapping_and_dense_or_false, for the fake kernels)
 
 from .._library import check_backend, check_same_device, ops
@@ -66,6 +69,7 @@ def fake_quant_abs_max(x: torch.Tensor, bits: int = 8, ste: str = "identity") ->
     _check_input(x)
     check_bits(bits)
     out, scale, _mask = ops.fake_quant_abs_max(x, bits, _clip_grad_flag(ste))
+    _remember(out, x, lambda xd: ops.fake_quant_abs_max(xd, bits, False)[0])
     return out, scale
 
 
@@ -88,7 +92,11 @@ def fake_quant_with_scale(x: torch.Tensor, scale, bits: int = 8, ste: str = "ide
     check_bits(bits)
     scale = _as_scale(scale, x)
     check_same_device(x, scale=scale)
-    return ops.fake_quant_with_scale(x, scale, bits, _clip_grad_flag(ste))[0]
+    out = ops.fake_quant_with_scale(x, scale, bits, _clip_grad_flag(ste))[0]
+    if _recording() is not None:
+        kept = scale.detach().clone()  # the scale as it is now: a state buffer changes at the next step
+        _remember(out, x, lambda xd: ops.fake_quant_with_scale(xd, kept, bits, False)[0])
+    return out
 
 
 def quantize_with_scale(x: torch.Tensor, scale, bits: int = 8) -> torch.Tensor:
@@ -106,7 +114,9 @@ def fake_channel_wise_quant_abs_max(
     """One scale per slice along ``axis`` (0 for conv and PyTorch linear weights): ``(out, scales)``."""
     _check_input(x)
     check_bits(bits)
-    return ops.fake_channel_wise_quant_abs_max(x, bits, axis, _clip_grad_flag(ste))
+    out, scales = ops.fake_channel_wise_quant_abs_max(x, bits, axis, _clip_grad_flag(ste))
+    _remember(out, x, lambda xd: ops.fake_channel_wise_quant_abs_max(xd, bits, axis, False)[0])
+    return out, scales
 
 
 def quantize_channel_wise_abs_max(x: torch.Tensor, bits: int = 8, axis: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -133,6 +143,73 @@ def moving_average_abs_max_update_(x, scale, accum, state, moving_rate: float = 
     _check_input(x)
     check_same_device(x, scale=scale, accum=accum, state=state)
     ops.moving_average_abs_max_update_(x, scale, accum, state, float(moving_rate))
+
+
+# --- recomputing fake-quant outputs in backward instead of keeping them --------------------------------
+
+_RECORDING = threading.local()
+
+
+def _recording():
+    return getattr(_RECORDING, "outputs", None)
+
+
+class _Recipe:
+    """A saved fake-quant output, kept as what recomputes it: the op's input (which autograd usually holds
+    anyway, e.g. as a ReLU's saved output, so keeping it costs nothing) and the op's other arguments."""
+
+    __slots__ = ("x", "version", "compute")
+
+    def __init__(self, x, compute):
+        self.x, self.version, self.compute = x.detach(), x._version, compute
+
+    def recompute(self) -> torch.Tensor:
+        if self.x._version != self.version:
+            raise RuntimeError("qkernels: the input of a fake-quant output saved for backward was modified in "
+                               "place after the forward pass; it cannot be recomputed (leave "
+                               "recompute_fake_quant_outputs() off for this model)")
+        with torch.no_grad():
+            return self.compute(self.x)
+
+
+def _remember(out, x, compute) -> None:
+    outputs = _recording()
+    if outputs is not None and out.requires_grad:
+        outputs[out] = _Recipe(x, compute)
+
+
+@contextlib.contextmanager
+def recompute_fake_quant_outputs():
+    """Within this context, a fake-quant output that a later op saves for its backward (a conv or linear
+    saves its input for the weight gradient) is saved as the recipe that recomputes it from the fake-quant
+    input, and recomputed when backward needs it (eager mode; one extra bandwidth-bound pass per layer).
+
+    A QAT step otherwise keeps, per quantized layer, both the activation (saved by the ReLU before it)
+    and its fake-quantized copy (saved by the conv): about +50% activation memory over the float step.
+    With this context the copy is freed after the forward use, so the step's peak memory stays close to
+    the float step's. Recomputation gives the same bits (the ops are deterministic and the scale is taken
+    as it was in the forward pass); an input modified in place in between raises a clear error.
+
+        with recompute_fake_quant_outputs():
+            loss = loss_fn(model(images), targets)
+        loss.backward()
+    """
+    outputs = torch.utils.weak.WeakTensorKeyDictionary()
+    previous = _recording()
+    _RECORDING.outputs = outputs
+
+    def pack(t):
+        recipe = outputs.get(t)
+        return t if recipe is None else recipe
+
+    def unpack(saved):
+        return saved.recompute() if isinstance(saved, _Recipe) else saved
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        _RECORDING.outputs = previous
 
 
 # --- fake (meta) kernels: shapes, dtypes and strides only, so torch.compile traces without graph breaks --
