@@ -180,7 +180,7 @@ def memory_table(memory, device) -> list:
 
 def main():
     parser = common.arg_parser(__doc__)
-    parser.add_argument("--batch", type=int, default=8, help="training batch (default 8)")
+    parser.add_argument("--batch", type=int, default=None, help="training batch (default 8; 2 with --quick)")
     parser.add_argument("--size", type=int, default=300, help="image size (default 300)")
     parser.add_argument("--autocast", choices=("none", "bf16"), default="none", help="autocast dtype (default none)")
     parser.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last")
@@ -188,6 +188,8 @@ def main():
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
     device, env = common.setup(args)
+    if args.batch is None:
+        args.batch = 2 if args.quick else 8
     from ssd.loss import MultiBoxLoss
 
     loss_fn = MultiBoxLoss(num_classes=21).to(device)
