@@ -829,6 +829,11 @@ def cuda_vs_cpu_cases():
         "channel_wise_axis0": lambda x: qkernels.fake_channel_wise_quant_abs_max(x, 8, 0),
         "channel_wise_axis1": lambda x: qkernels.fake_channel_wise_quant_abs_max(x, 6, 1),
         "channel_wise_last": lambda x: qkernels.quantize_channel_wise_abs_max(x, 8, -1),
+        "abs_max_mask": lambda x: ops.fake_quant_abs_max(x, 8, True),
+        "with_scale_mask": lambda x: ops.fake_quant_with_scale(x, torch.tensor(1.3, device=x.device), 5, True),
+        "mask_grad": lambda x: (ops.fake_quant_mask_grad(torch.ones_like(x), ops.fake_quant_with_scale(
+            x, torch.tensor(1.3, device=x.device), 8, True)[1]),),
+        "clip_grad": lambda x: (ops.fake_quant_clip_grad(torch.ones_like(x), x, torch.tensor(1.3, device=x.device)),),
     }
 
 
@@ -839,9 +844,11 @@ def test_cuda_matches_cpu_bit_for_bit(dtype, case):
     # quant_math.h is shared, so the two backends must agree exactly (NaN at the same places).
     fn = cuda_vs_cpu_cases()[case]
     for x in (with_non_finite(rand((64, 3, 3, 3), dtype, seed=20)), rand((257, 129), dtype, seed=21).t()[::2],
-              rand((3, 100_003), dtype, seed=22), torch.zeros(5, 4, dtype=dtype)):
+              rand((3, 100_003), dtype, seed=22), torch.zeros(5, 4, dtype=dtype),
+              rand((8, 24, 30, 30), dtype, seed=23).contiguous(memory_format=torch.channels_last),
+              rand((4097, 33), dtype, seed=24).t(), rand((70_001,), dtype, seed=25)[1:]):
         for got, want in zip(fn(x.cuda()), fn(x)):
-            assert got.device.type == "cuda"
+            assert got.device.type == "cuda" and got.stride() == want.stride()
             torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0, equal_nan=True)
 
 
