@@ -3,18 +3,39 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deps-stamp
+# .venv may be a symlink shared by several checkouts: whatever changes it holds this lock.
+VENV_LOCK := flock $(VENV)/.install.lock
+EDITABLE_STAMP := build/.editable-stamp
+# Exit 0 when .venv's qkernels is an editable install of this checkout (-I: the checkout's own files
+# must not answer for the venv).
+EDITABLE_HERE := $(PY) -I -c 'import importlib.metadata as m, json, os, sys, urllib.parse as up; \
+  u = json.loads(m.distribution("qkernels").read_text("direct_url.json") or "{}"); \
+  here = os.path.realpath(up.unquote(up.urlparse(u.get("url", "")).path) or "/nonexistent"); \
+  sys.exit(not (u.get("dir_info", {}).get("editable") and here == os.path.realpath(".")))'
 
 .PHONY: install deps build build-cpu test test-fast test-cuda-emu demo bench sass-report clean
 
+# Editable install into .venv: `import qkernels`, `import ssd`, `python -m ssd.main_quant` and
+# `qkernels-ssd` work from any folder. Redone only when .venv holds another checkout's (the last
+# checkout to run `make install` wins; tests run from a checkout root import that checkout's own build)
+# or the package metadata changed; pip's build reuses build/ (ninja), so it does not recompile.
 install: build
+	@if [ -f $(EDITABLE_STAMP) ] && [ -z "$$(find setup.py pyproject.toml qkernels/_version.py -newer $(EDITABLE_STAMP))" ] \
+	    && $(EDITABLE_HERE) 2>/dev/null; then \
+	  echo "qkernels: .venv already has this checkout installed (editable)"; \
+	else \
+	  echo "qkernels: installing this checkout into .venv (editable)"; \
+	  $(VENV_LOCK) flock .build.lock $(PY) -m pip install --quiet --no-build-isolation --no-deps --no-index -e . \
+	    && touch $(EDITABLE_STAMP); \
+	fi
 
 deps: $(STAMP)
 
 # Dependencies are reinstalled only when requirements.txt changes.
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(VENV_LOCK) $(PY) -m pip install --quiet --upgrade pip
+	$(VENV_LOCK) $(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
 # flock: helpers and editors may build at the same time; ninja skips what is up to date.
@@ -47,4 +68,4 @@ bench: install
 	$(PY) -m benchmarks.run_all
 
 clean:
-	rm -rf build qkernels/*.so *.egg-info
+	rm -rf build qkernels/*.so qkernels/_build_info.json *.egg-info

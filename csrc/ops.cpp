@@ -3,6 +3,15 @@
 // fake (meta) kernels and autograd in qkernels/ops/.
 #include <Python.h>
 #include <torch/library.h>
+#include <torch/version.h>
+
+#include <exception>
+
+#include "cpu/int8_gemm.h"
+
+#ifdef QKERNELS_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
 
 TORCH_LIBRARY(qkernels, m) {
   // --- fake quantization (reference-semantics.md, section 2) -------------------------------
@@ -45,6 +54,15 @@ TORCH_LIBRARY(qkernels, m) {
   m.def(
       "linear_int8(Tensor x, Tensor weight, Tensor? bias, Tensor scale, ScalarType out_dtype, "
       "str activation) -> Tensor");
+  // conv2d_int8 with the weights also given packed for the device's kernels (pack_conv2d_int8_weight,
+  // done once per layer); the result is that of conv2d_int8(x, weight, ...) bit for bit. A packed
+  // tensor that does not fit (other shape, instruction set, device) is ignored.
+  m.def(
+      "conv2d_int8_packed(Tensor x, Tensor weight, Tensor packed, Tensor? bias, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, Tensor scale, ScalarType out_dtype, str activation) -> Tensor");
+  // weight [O, C/groups, kh, kw] int8 packed for conv2d_int8_packed on its device (empty where the
+  // device's kernels have no packed form).
+  m.def("pack_conv2d_int8_weight(Tensor weight, int groups) -> Tensor");
 }
 
 namespace {
@@ -57,8 +75,55 @@ PyObject* has_cuda_kernels(PyObject*, PyObject*) {
 #endif
 }
 
+// What only the compiled library knows, for qkernels.build_info(): the headers it was compiled with and
+// the int8 instruction sets this processor runs (setup.py records the rest in _build_info.json).
+PyObject* build_info(PyObject*, PyObject*) {
+  using qkernels::Int8Isa;
+  const Int8Isa best = qkernels::int8_best_isa();
+  PyObject* isas = PyList_New(0);
+  for (int i = 0; i <= static_cast<int>(best); ++i) {
+    PyObject* name = PyUnicode_FromString(qkernels::int8_isa_name(static_cast<Int8Isa>(i)));
+    PyList_Append(isas, name);
+    Py_DECREF(name);
+  }
+#ifdef QKERNELS_WITH_CUDA
+  PyObject* cuda = PyUnicode_FromFormat("%d.%d", CUDART_VERSION / 1000, CUDART_VERSION % 1000 / 10);
+#else
+  Py_INCREF(Py_None);
+  PyObject* cuda = Py_None;
+#endif
+#if defined(__clang__) || !defined(__GNUC__)
+  const char* compiler = __VERSION__;  // clang's names itself
+#else
+  const char* compiler = "GCC " __VERSION__;
+#endif
+#ifndef TORCH_VERSION  // older torch headers spell only the parts
+#define QK_STR2(x) #x
+#define QK_STR(x) QK_STR2(x)
+#define TORCH_VERSION QK_STR(TORCH_VERSION_MAJOR) "." QK_STR(TORCH_VERSION_MINOR) "." QK_STR(TORCH_VERSION_PATCH)
+#endif
+  // "N" hands over the references made above.
+  return Py_BuildValue("{s:s,s:N,s:s,s:N,s:s}", "torch_headers", TORCH_VERSION, "cuda_runtime_headers", cuda,
+                       "compiler", compiler, "int8_isas", isas, "int8_isa_best", qkernels::int8_isa_name(best));
+}
+
+// The int8 path the kernels take now: the best one, capped by QKERNELS_INT8_ISA (a bad value raises).
+PyObject* int8_isa_selected(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(qkernels::int8_isa_name(qkernels::int8_isa()));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
 PyMethodDef methods[] = {
     {"has_cuda_kernels", has_cuda_kernels, METH_NOARGS, "Whether CUDA kernels were compiled in."},
+    {"build_info", build_info, METH_NOARGS, "Compiled-in build facts and the int8 paths this CPU runs."},
+    {"int8_isa_selected", int8_isa_selected, METH_NOARGS, "The int8 instruction set the kernels use now."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -1,21 +1,34 @@
 """QuantizeTranspiler: the PyTorch form of PaddlePaddle Fluid's QuantizeTranspiler (reference-semantics.md,
-section 3), working by module swaps on an nn.Module, in place.
+section 3). Each pass first finds the model's structure from a traced graph (qkernels/graph: torch.fx,
+else torch.export with ``example_inputs``, else the nn.Sequential fallback with a GraphTraceWarning), then
+changes the model by module swaps, in place, so state_dict keys and the model's class survive.
 
-- ``training_transpile(model)``: every nn.Conv2d (depthwise included) and nn.Linear becomes a QuantConv2d /
-  QuantLinear (fake-quantized input and weight, same ``weight``/``bias`` Parameters). With ``fold_bn=True``
-  a Conv2d directly followed by a BatchNorm2d in an nn.Sequential trains with the BN folded into the
-  quantized weight (see qkernels/nn/bn_fold.py).
+- ``training_transpile(model, example_inputs=None)``: every nn.Conv2d (depthwise included) and nn.Linear
+  becomes a QuantConv2d / QuantLinear (fake-quantized input and weight, same ``weight``/``bias``
+  Parameters). Layers reading the same tensor share one input quantizer (one state, updated once per
+  step: the reference quantizes such a tensor once). With ``fold_bn=True`` a Conv2d whose output only a
+  BatchNorm2d reads trains with that batch norm folded into the quantized weight (qkernels/nn/bn_fold.py),
+  wherever forward() calls them.
 - ``freeze_program(model)``: the inference form (FrozenConv2d / FrozenLinear): integer weight codes in float,
   frozen or per-batch activation scales, dequantization after the conv.
-- ``convert_to_int8(model)``: Int8Conv2d / Int8Linear with int8 weights running the int8 kernels.
+- ``convert_to_int8(model, example_inputs=None)``: Int8Conv2d / Int8Linear running the int8 kernels; a batch
+  norm and then a ReLU / ReLU6 reading a layer's output alone are folded / fused into its epilogue, and a
+  layer whose readers are all int8 layers with one static 8-bit input scale writes their int8 codes.
+  When a fused activation cannot be removed by a swap (a module also called elsewhere, such as the
+  ``self.relu`` a ResNet block calls twice, or a functional ``F.relu``), the graph changes: the pass then
+  returns a torch.fx.GraphModule (see qkernels/graph/rewrite.py) instead of the model; use what it returns.
 
-Each layer quantizes its own input (the reference quantizes a tensor shared by several layers once); the
-results are the same, see qkernels/nn/quant_layers.py.
+After each pass ``summary`` (a TranspileSummary) says what was swapped, folded, fused, chained and shared,
+and what was not and why: ``print(t.summary)``.
 """
-from typing import Callable, Dict, Tuple
+import warnings
+from typing import Dict, List, Optional
 
+import torch
 from torch import nn
 
+from . import graph as qg
+from .graph.module_graph import MODULE
 from .nn.bn_fold import FoldedBatchNorm2d, can_fold
 from .nn.frozen_layers import FrozenConv2d, FrozenLinear
 from .nn.quant_layers import QuantConv2d, QuantLinear
@@ -23,6 +36,14 @@ from .nn.quantizers import ACTIVATION_QUANTIZE_TYPES, WEIGHT_QUANTIZE_TYPES, Fak
 from .ops.fake_quant import check_bits, check_ste
 
 _TRANSPILED = (QuantConv2d, QuantLinear, FrozenConv2d, FrozenLinear)
+_FLOAT_LAYERS = (nn.Conv2d, nn.Linear)
+_FROZEN_LAYERS = (FrozenConv2d, FrozenLinear)
+_LIST_LIMIT = 12  # names listed in a warning
+
+
+class GraphTraceWarning(UserWarning):
+    """The model could not be traced; the transpiler used the nn.Sequential fallback (less is folded,
+    fused, shared and chained)."""
 
 
 def _int8_layer_types():
@@ -35,71 +56,70 @@ def _count(model: nn.Module, kinds) -> int:
     return sum(isinstance(m, kinds) for m in model.modules())
 
 
-def _swap_children(module: nn.Module, swap: Callable[[nn.Module, nn.Module, str, Dict[int, nn.Module]], None],
-                   memo: Dict[int, Tuple[nn.Module, nn.Module]]) -> None:
-    """Depth-first over the tree; ``swap(parent, child, name, memo)`` may replace ``parent.<name>``.
-    ``memo`` maps id(old module) -> (old, new) so a module used at two places stays shared (the old module
-    is kept alive so that its id is not reused by a new object during the walk)."""
-    for name in list(module._modules.keys()):
-        child = module._modules[name]
-        if child is None:
-            continue
-        if id(child) in memo:
-            module._modules[name] = memo[id(child)][1]
-            continue
-        swap(module, child, name, memo)
-        replaced = module._modules[name]
-        if replaced is child and not isinstance(child, nn.MultiheadAttention):
-            _swap_children(child, swap, memo)
+def _as_inputs(example_inputs) -> Optional[tuple]:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError("qkernels: example_inputs must be a tensor or a tuple of forward()'s arguments, got %s"
+                    % type(example_inputs).__name__)
 
 
-def _next_sibling(parent: nn.Module, name: str, skip_identity: bool = False):
-    # Only a plain nn.Sequential says that one module's output is the next one's only input.
-    if type(parent) is not nn.Sequential:
-        return None, None
-    names = list(parent._modules.keys())
-    for next_name in names[names.index(name) + 1:]:
-        nxt = parent._modules[next_name]
-        if not (skip_identity and isinstance(nxt, nn.Identity)):
-            return next_name, nxt
-    return None, None
+def _names(model: nn.Module) -> Dict[int, str]:
+    return {id(m): name for name, m in model.named_modules()}
 
 
-def _flatten_sequential(seq: nn.Module):
-    leaves = []
-    for m in seq._modules.values():
-        if type(m) is nn.Sequential:
-            leaves.extend(_flatten_sequential(m))
-        elif m is not None:
-            leaves.append(m)
-    return leaves
+def _replace_modules(model: nn.Module, replacements: Dict[int, nn.Module]) -> None:
+    """Put ``replacements[id(old)]`` wherever ``old`` is registered (a module registered twice stays shared)."""
+    seen = set()
 
-
-def _chain_int8_layers(model: nn.Module, int8_kinds) -> None:
-    """Let an int8 layer write int8 codes when, in a plain nn.Sequential (nested ones followed through),
-    the next module after it (skipping nn.Identity) is an int8 layer with a static 8-bit input scale.
-    Modules used at several places are left alone (their successor is not unique)."""
-    uses: Dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        uses[id(m)] = uses.get(id(m), 0) + 1
-
-    def visit(module):
-        if type(module) is nn.Sequential:
-            leaves = _flatten_sequential(module)
-            for i, layer in enumerate(leaves):
-                if not isinstance(layer, int8_kinds) or uses[id(layer)] > 1 or layer.activation == "relu6":
-                    continue
-                following = [m for m in leaves[i + 1:] if not isinstance(m, nn.Identity)]
-                if following and isinstance(following[0], int8_kinds) and uses[id(following[0])] == 1 \
-                        and following[0].accepts_codes():
-                    layer.chain_to(following[0])
-            children = leaves
-        else:
-            children = [m for m in module._modules.values() if m is not None]
-        for child in children:
-            visit(child)
+    def visit(module: nn.Module):
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        for name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            new = replacements.get(id(child))
+            if new is not None:
+                module._modules[name] = new
+            else:
+                visit(child)
 
     visit(model)
+
+
+def _float_layers(model: nn.Module) -> List[nn.Module]:
+    """The Conv2d / Linear modules to swap, each once; not those inside nn.MultiheadAttention, whose
+    forward reads its projection weights directly."""
+    found: Dict[int, nn.Module] = {}
+
+    def visit(module: nn.Module):
+        for child in module.children():
+            if isinstance(child, _FLOAT_LAYERS):
+                found.setdefault(id(child), child)
+            elif not isinstance(child, nn.MultiheadAttention):
+                visit(child)
+
+    visit(model)
+    return list(found.values())
+
+
+def _listing(names: List[str]) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(names[:_LIST_LIMIT])
+    return shown + (" and %d more" % (len(names) - _LIST_LIMIT) if len(names) > _LIST_LIMIT else "")
+
+
+def _warn_fallback(stage: str, model: nn.Module, graph: qg.ModuleGraph, missed: str) -> None:
+    warnings.warn("qkernels: %s could not trace %s (%s), so it used the nn.Sequential fallback (only modules "
+                  "adjacent in a plain nn.Sequential are known to feed each other): %s. Pass example_inputs "
+                  "(forward's arguments) to trace shape-dependent Python with torch.export, or make forward() "
+                  "traceable by torch.fx." % (stage, type(model).__name__, graph.failure, missed),
+                  GraphTraceWarning, stacklevel=3)
 
 
 class QuantizeTranspiler:
@@ -139,6 +159,8 @@ class QuantizeTranspiler:
         self.fold_bn = bool(fold_bn)
         self.ste = check_ste(ste)
         self.weight_storage = weight_storage
+        self.summary: Optional[qg.TranspileSummary] = None  # what the last pass did
+        self._example_inputs: Optional[tuple] = None
 
     def _input_quantizer(self):
         return make_activation_quantizer(self.activation_quantize_type, self.activation_bits, self.window_size,
@@ -149,34 +171,66 @@ class QuantizeTranspiler:
 
     # --- training -------------------------------------------------------------------------------
 
-    def training_transpile(self, model: nn.Module) -> nn.Module:
-        """Swap in QuantConv2d / QuantLinear, in place; returns ``model``."""
+    def training_transpile(self, model: nn.Module, example_inputs=None) -> nn.Module:
+        """Swap in QuantConv2d / QuantLinear, in place; returns ``model``. ``example_inputs`` (a tensor or a
+        tuple of forward's arguments) let torch.export trace a model torch.fx cannot; convert_to_int8 reuses
+        them."""
         if not isinstance(model, nn.Module):
             raise TypeError("qkernels: training_transpile expects an nn.Module, got %s" % type(model).__name__)
         if _count(model, _TRANSPILED) or self._has_int8(model):
             raise RuntimeError("qkernels: this model was already transpiled (it holds quantized layers); "
                                "transpile the float model once")
-        if isinstance(model, (nn.Conv2d, nn.Linear)):
+        if isinstance(model, _FLOAT_LAYERS):
             raise TypeError("qkernels: pass a model that contains the layers (e.g. nn.Sequential(layer)); "
                             "a single layer cannot be swapped in place")
+        inputs = _as_inputs(example_inputs)
+        self._example_inputs = inputs
+        graph = qg.trace(model, inputs)
+        names = _names(model)
+        summary = qg.TranspileSummary("training_transpile", type(model).__name__, graph.source, graph.failure)
+        layers = _float_layers(model)
 
-        def swap(parent, child, name, memo):
-            if isinstance(child, nn.Conv2d):
-                bn = None
-                next_name, nxt = _next_sibling(parent, name)
-                if self.fold_bn and nxt is not None and id(nxt) not in memo and can_fold(child, nxt):
-                    bn = FoldedBatchNorm2d.from_bn(nxt)
-                    memo[id(nxt)] = (nxt, bn)
-                    parent._modules[next_name] = bn
-                new = QuantConv2d.from_float(child, self._input_quantizer(), self._weight_quantizer(), bn)
-            elif isinstance(child, nn.Linear):
-                new = QuantLinear.from_float(child, self._input_quantizer(), self._weight_quantizer())
+        folds: Dict[int, nn.BatchNorm2d] = {}
+        if self.fold_bn:
+            for m in layers:
+                node = graph.single_call(m) if isinstance(m, nn.Conv2d) else None
+                chain = qg.layer_chain(graph, node, can_fold, with_activation=False) if node is not None else None
+                if chain is not None and chain.bn is not None:
+                    folds[id(m)] = chain.bn.module
+            folded_ids = {id(bn) for bn in folds.values()}
+            for m in model.modules():
+                if type(m) is nn.BatchNorm2d and id(m) not in folded_ids:
+                    summary.not_folded.append((names[id(m)], qg.why_not_folded(graph, m, nn.Conv2d, can_fold)))
+
+        replacements: Dict[int, nn.Module] = {}
+        for m in layers:
+            bn = folds.get(id(m))
+            if isinstance(m, nn.Conv2d):
+                folded = FoldedBatchNorm2d.from_bn(bn) if bn is not None else None
+                new = QuantConv2d.from_float(m, self._input_quantizer(), self._weight_quantizer(), folded)
+                if bn is not None:
+                    replacements[id(bn)] = folded
+                    summary.folded.append((names[id(m)], names[id(bn)]))
             else:
-                return
-            memo[id(child)] = (child, new)
-            parent._modules[name] = new
+                new = QuantLinear.from_float(m, self._input_quantizer(), self._weight_quantizer())
+            replacements[id(m)] = new
+            summary.swapped.append((names[id(m)], type(m).__name__, type(new).__name__))
 
-        _swap_children(model, swap, {})
+        for group in qg.shared_input_groups(graph, _FLOAT_LAYERS):
+            owner = replacements[id(group[0].module)]
+            for node in group[1:]:
+                reader = replacements[id(node.module)]
+                reader.input_quantizer = owner.input_quantizer
+                reader.shares_input_quantizer = True
+            summary.shared_inputs.append(tuple(names[id(n.module)] for n in group))
+
+        _replace_modules(model, replacements)
+        self.summary = summary
+        if not graph.traced:
+            missed = "tensors read by several layers keep one quantizer per layer"
+            if self.fold_bn:
+                missed = "batch norms not folded: %s; %s" % (_listing([n for n, _ in summary.not_folded]), missed)
+            _warn_fallback("training_transpile", model, graph, missed)
         return model
 
     # --- inference ------------------------------------------------------------------------------
@@ -187,46 +241,52 @@ class QuantizeTranspiler:
         if self._has_int8(model):
             raise RuntimeError("qkernels: this model was already converted to int8; freeze the transpiled model")
         if not _count(model, (QuantConv2d, QuantLinear)):
-            if _count(model, (FrozenConv2d, FrozenLinear)):
+            if _count(model, _FROZEN_LAYERS):
                 raise RuntimeError("qkernels: this model is already frozen")
             raise RuntimeError("qkernels: the model has no quantized layers: call training_transpile(model) "
                                "(and train it) before freeze_program")
-
-        def swap(parent, child, name, memo):
-            if isinstance(child, QuantConv2d):
-                new = FrozenConv2d.from_quant(child)
-            elif isinstance(child, QuantLinear):
-                new = FrozenLinear.from_quant(child)
-            elif isinstance(child, FoldedBatchNorm2d):
+        names = _names(model)
+        summary = qg.TranspileSummary("freeze_program", type(model).__name__, "none (module swaps only)")
+        replacements: Dict[int, nn.Module] = {}
+        for m in model.modules():
+            if isinstance(m, QuantConv2d):
+                new = FrozenConv2d.from_quant(m)
+            elif isinstance(m, QuantLinear):
+                new = FrozenLinear.from_quant(m)
+            elif isinstance(m, FoldedBatchNorm2d):
                 new = nn.Identity()
             else:
-                return
-            new.train(child.training)
-            memo[id(child)] = (child, new)
-            parent._modules[name] = new
-
-        _swap_children(model, swap, {})
+                continue
+            new.train(m.training)
+            replacements[id(m)] = new
+            summary.swapped.append((names[id(m)], type(m).__name__, type(new).__name__))
+        _replace_modules(model, replacements)
+        self.summary = summary
         return model
 
     # --- int8 ---------------------------------------------------------------------------------------
 
-    def convert_to_int8(self, model: nn.Module) -> nn.Module:
-        """Swap the frozen (or still training-form: they are frozen first) layers for Int8Conv2d / Int8Linear,
-        in place; returns ``model``. In a plain nn.Sequential, a BatchNorm2d right after a conv is folded
-        into the epilogue and a following ReLU / ReLU6 fused (both become nn.Identity), and a layer whose
-        next layer has a static 8-bit input scale writes that layer's int8 codes directly.
+    def convert_to_int8(self, model: nn.Module, example_inputs=None) -> nn.Module:
+        """Int8Conv2d / Int8Linear for the frozen layers (the training form is frozen first), batch norms
+        folded and ReLU / ReLU6 fused into the layer before them, int8 codes passed between layers where
+        every reader takes them (see the module docstring). Returns ``model`` changed in place, or a
+        torch.fx.GraphModule when the graph had to change (``summary.returned`` says which).
+        ``example_inputs`` default to those given to training_transpile.
+
+        With ``example_inputs`` (a tuple of model inputs), one traced forward also chains the layers whose output
+        several int8 layers read with one static scale (e.g. a feature map read by the next block and the
+        heads; see qkernels/int8_fusion.py).
 
         To load a saved int8 state_dict: ``convert_to_int8(training_transpile(fresh float model))`` with the
         same transpiler settings, then ``load_state_dict``."""
-        from .nn.int8_layers import Int8Conv2d, Int8Linear
-
+        int8_conv, int8_linear = _int8_layer_types()
         if not isinstance(model, nn.Module):
             raise TypeError("qkernels: convert_to_int8 expects an nn.Module, got %s" % type(model).__name__)
         if self._has_int8(model):
             raise RuntimeError("qkernels: this model was already converted to int8")
         if _count(model, (QuantConv2d, QuantLinear)):
             self.freeze_program(model)
-        frozen = [m for m in model.modules() if isinstance(m, (FrozenConv2d, FrozenLinear))]
+        frozen = [m for m in model.modules() if isinstance(m, _FROZEN_LAYERS)]
         if not frozen:
             raise RuntimeError("qkernels: the model has no quantized layers: call training_transpile(model) "
                                "(and train it) before convert_to_int8")
@@ -234,29 +294,133 @@ class QuantizeTranspiler:
             if m.weight_bits > 8 or m.input_quantizer.bits > 8:
                 raise ValueError("qkernels: convert_to_int8 needs weight_bits and activation_bits <= 8 (int8 "
                                  "kernels), got %d and %d" % (m.weight_bits, m.input_quantizer.bits))
+        inputs = _as_inputs(example_inputs)
+        graph = qg.trace(model, inputs if inputs is not None else getattr(self, "_example_inputs", None))
+        names = _names(model)
+        summary = qg.TranspileSummary("convert_to_int8", type(model).__name__, graph.source, graph.failure)
 
-        def swap(parent, child, name, memo):
-            if isinstance(child, FrozenConv2d):
-                new = Int8Conv2d.from_frozen(child, self.weight_storage)
-            elif isinstance(child, FrozenLinear):
-                new = Int8Linear.from_frozen(child, self.weight_storage)
+        int8: Dict[int, nn.Module] = {}
+        replacements: Dict[int, nn.Module] = {}
+        fused_nodes, dropped, needs_rewrite = set(), [], False
+        unfusable: Dict[int, str] = {}  # id(activation node) -> why it is not fused
+        ends = []  # (frozen layer, int8 layer, node whose output the fused layer produces)
+        for f in frozen:
+            name = names[id(f)]
+            new = (int8_conv if isinstance(f, FrozenConv2d) else int8_linear).from_frozen(f, self.weight_storage)
+            new.train(f.training)
+            int8[id(f)] = replacements[id(f)] = new
+            summary.swapped.append((name, type(f).__name__, type(new).__name__))
+            if f.bn_folded:
+                summary.folded.append((name, "(folded during QAT)"))
+            node = graph.single_call(f)
+            if node is None:
+                calls = len(graph.calls(f))
+                summary.not_chained.append((name, "called %d times" % calls if calls else "never called"))
+                continue
+            fold_rule = can_fold if isinstance(f, FrozenConv2d) and not f.bn_folded else None
+            chain = qg.layer_chain(graph, node, fold_rule, with_activation=True)
+            end = node
+            if chain.bn is not None:
+                new.fold_batch_norm(chain.bn.module)
+                replacements[id(chain.bn.module)] = nn.Identity()
+                dropped.append(chain.bn)
+                summary.folded.append((name, names[id(chain.bn.module)]))
+                end = chain.bn
+            act = chain.activation
+            if act is not None:
+                swappable = act.kind == MODULE and graph.single_call(act.module) is act
+                if swappable or graph.rewritable:
+                    new.fuse_activation(act.activation)
+                    if swappable:
+                        replacements[id(act.module)] = nn.Identity()
+                    dropped.append(act)
+                    fused_nodes.add(id(act))
+                    summary.fused.append((name, act.activation, qg.describe(act)))
+                    end = act
+                    needs_rewrite = needs_rewrite or not swappable
+                else:
+                    unfusable[id(act)] = ("after %s, but removing it needs a graph rewrite (it is %s), which only "
+                                          "torch.fx graphs get" % (name, "called elsewhere too" if act.kind == MODULE
+                                                                   else "a function call"))
+            ends.append((f, new, end, name))
+
+        by_quantizer: Dict[int, List[str]] = {}
+        for f in frozen:
+            by_quantizer.setdefault(id(f.input_quantizer), []).append(names[id(f)])
+        summary.shared_inputs = [tuple(g) for g in by_quantizer.values() if len(g) > 1]
+        for f, new, end, name in ends:
+            why = self._chain(graph, new, end, int8, names)
+            if why is None:
+                readers = qg.value_users(end)
+                summary.chained.append((name, tuple(names[id(r.module)] for r in readers)))
             else:
-                return
-            new.train(child.training)
-            memo[id(child)] = (child, new)
-            parent._modules[name] = new
-            next_name, nxt = _next_sibling(parent, name, skip_identity=True)
-            if isinstance(new, Int8Conv2d) and nxt is not None and id(nxt) not in memo and can_fold(new, nxt):
-                new.fold_batch_norm(nxt)
-                parent._modules[next_name] = nn.Identity()
-                next_name, nxt = _next_sibling(parent, next_name, skip_identity=True)
-            if nxt is not None and type(nxt) in (nn.ReLU, nn.ReLU6):
-                new.fuse_activation("relu" if type(nxt) is nn.ReLU else "relu6")
-                parent._modules[next_name] = nn.Identity()
+                summary.not_chained.append((name, why))
 
-        _swap_children(model, swap, {})
-        _chain_int8_layers(model, (Int8Conv2d, Int8Linear))
+        # Once the graph changes anyway, a ReLU after a residual add is fused into the (float) add too.
+        add_relus = qg.add_relu_pairs(graph) if needs_rewrite else []
+        for add, relu in add_relus:
+            summary.fused_adds.append((add.target, qg.describe(relu)))
+            fused_nodes.add(id(relu))
+        _replace_modules(model, replacements)
+        self._float_ops(graph, summary, fused_nodes, unfusable, replacements, model)
+        if needs_rewrite:
+            model = qg.drop_calls(model, graph, dropped, add_relus)
+            summary.returned = ("a torch.fx.GraphModule (class %s) with the model's submodules under the same "
+                                "names: fused activations called elsewhere too or called as functions are gone "
+                                "from its graph" % type(model).__name__)
+        self.summary = summary
+        if not graph.traced:
+            left = [n for n, m in model.named_modules() if type(m) in (nn.BatchNorm2d, nn.ReLU, nn.ReLU6)]
+            _warn_fallback("convert_to_int8", model, graph, "left in float: %s (modules; functional calls unknown): "
+                           "%s" % (", ".join("%d %s" % (n, k) for k, n in sorted(summary.float_ops.items())),
+                                   _listing(left)))
+        # A layer whose output several int8 layers read (MobileNet-SSD's feature maps: the next block and both
+        # heads) is chained when one traced forward shows that only int8 readers with one static scale read it.
+        traced_inputs = inputs if inputs is not None else getattr(self, "_example_inputs", None)
+        if traced_inputs is not None:
+            from .int8_fusion import chain_shared_outputs
+
+            newly = chain_shared_outputs(model, tuple(traced_inputs), (int8_conv, int8_linear))
+            summary.not_chained = [(n, why) for n, why in summary.not_chained if n not in newly]
+            summary.chained += [(n, ("the int8 readers of its output, found by a traced forward",)) for n in newly]
         return model
+
+    @staticmethod
+    def _chain(graph, layer, end, int8, names) -> Optional[str]:
+        """Make ``layer`` write int8 codes for the layers reading ``end``; None, or why it cannot."""
+        readers = qg.code_readers(graph, end, _FROZEN_LAYERS)
+        if not readers:
+            return qg.why_not_readers(graph, end, _FROZEN_LAYERS)
+        if len({id(r.module.input_quantizer) for r in readers}) > 1:
+            return "its readers %s have separate input quantizers" % ", ".join(names[id(r.module)] for r in readers)
+        targets = [int8[id(r.module)] for r in readers]
+        refused = [names[id(r.module)] for r, t in zip(readers, targets) if not t.accepts_codes()]
+        if refused:
+            return "%s takes no int8 codes (dynamic abs_max or wider than 8-bit input)" % ", ".join(refused)
+        if layer.activation == "relu6":
+            # A reader's quantizer clips at its scale s: when s <= 6 that clip includes ReLU6's clamp, so the
+            # codes of relu(y) saturated at s are exactly those of relu6(y).
+            scale = float(targets[0].input_scale.max())
+            if scale > 6.0:
+                return "fused ReLU6 and the readers' input scale %.4g is above 6" % scale
+            layer.fuse_activation("relu")
+        layer.chain_to(targets[0])
+        return None
+
+    @staticmethod
+    def _float_ops(graph, summary, fused_nodes, unfusable, replacements, model) -> None:
+        """Batch norms and activations the int8 model still runs in float, and why the activations are not fused."""
+        if graph.traced:
+            bns = [n for n in graph.nodes if n.is_module(nn.BatchNorm2d) and id(n.module) not in replacements]
+            acts = [n for n in graph.nodes if n.activation and id(n) not in fused_nodes]
+            for n in acts:
+                producer = qg.source_of(n.main_input) if n.main_input is not None else None
+                why = unfusable.get(id(n)) or "reads %s" % (qg.describe(producer) if producer else "nothing")
+                summary.not_fused.append((qg.describe(n), why))
+            summary.float_ops = {"batch norms": len(bns), "activations": len(acts)}
+        else:  # forward is unknown: count the modules left
+            summary.float_ops = {"batch norms": _count(model, nn.BatchNorm2d),
+                                 "activations": sum(type(m) in (nn.ReLU, nn.ReLU6) for m in model.modules())}
 
     @staticmethod
     def _has_int8(model: nn.Module) -> bool:

@@ -105,6 +105,48 @@ def test_conv_accumulator_is_exact(case, isa):
     assert torch.equal(out.double(), expected)
 
 
+# The AVX2 product picks its kernel from the operands' ranges (uint8 activations when none is negative,
+# the sign moved onto the weights when no weight is -128, int16 otherwise): every pairing, exact.
+OPERAND_RANGES = {"x >= 0, any w": ((0, 127), (-128, 127)), "x >= 0, w = -128 only": ((0, 127), (-128, -128)),
+                  "signed x, w in [-127, 127]": ((-128, 127), (-127, 127)), "signed x, any w": ((-128, 127), (-128, 127)),
+                  "x = -128 only, w = -127 only": ((-128, -128), (-127, -127))}
+
+
+DEPTHWISE_RANGE_CASES = [c for c in CONV_CASES if c[-1] == c[2] and c[-1] > 1 and c[1] > 0]
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_RANGE_CASES, ids=[c[0] for c in DEPTHWISE_RANGE_CASES])
+@pytest.mark.parametrize("negatives", ["none", "one", "all"])
+def test_depthwise_nonnegative_inputs_are_exact(case, negatives, isa):
+    """The AVX2 depthwise kernel takes x >= 0 (ReLU outputs) and recomputes rows with a negative input."""
+    gen = torch.Generator().manual_seed(hash(case[0]) % 997)
+    x, weight, kw = _conv_case(case, gen)
+    x = x.abs().clamp(max=127) if negatives != "all" else x
+    if negatives == "one":
+        x[0, -1, x.shape[2] // 2, x.shape[3] - 1] = -128
+    bias, scale = torch.randn(weight.shape[0], generator=gen), torch.rand(weight.shape[0], generator=gen) * 0.02
+    out = qkernels.conv2d_int8(x, weight, out_dtype=torch.int32, **kw)
+    assert torch.equal(out.double(), F.conv2d(x.double(), weight.double(), None, **kw))
+    out8 = qkernels.conv2d_int8(x, weight, bias, scale=scale, out_dtype=torch.int8, activation="relu", **kw)
+    _assert_int8_close(out8, ref.conv2d_int8(x, weight, bias, scale=scale, activation="relu", **kw))
+    outf = qkernels.conv2d_int8(x, weight, bias, scale=scale, **kw)
+    torch.testing.assert_close(outf.double(), ref.conv2d_int8(x, weight, bias, scale=scale, **kw), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("ranges", list(OPERAND_RANGES))
+@pytest.mark.parametrize("shape", [(2, 64, 7, 9, 40, 1), (1, 24, 6, 5, 20, 3), (1, 512, 3, 3, 130, 1)])
+def test_conv_operand_ranges_are_exact(ranges, shape, isa):
+    (xl, xh), (wl, wh) = OPERAND_RANGES[ranges]
+    n, c, h, w_, o, k = shape
+    gen = torch.Generator().manual_seed(c + o)
+    x = rand_int8(n, c, h, w_, low=xl, high=xh, gen=gen)
+    w = rand_int8(o, c, k, k, low=wl, high=wh, gen=gen)
+    out = qkernels.conv2d_int8(x, w, padding=k // 2, out_dtype=torch.int32)
+    assert torch.equal(out.double(), F.conv2d(x.double(), w.double(), padding=k // 2))
+    lin = qkernels.linear_int8(x.flatten(1)[:, :c], w.flatten(1)[:, :c], out_dtype=torch.int32)
+    assert torch.equal(lin.double(), x.flatten(1)[:, :c].double() @ w.flatten(1)[:, :c].double().t())
+
+
 def test_conv_extreme_values_are_exact(isa):
     # all -128: the largest products; K = 9 * 256 = 2304 products of 16384 each
     x = torch.full((1, 256, 3, 3), -128, dtype=torch.int8)
@@ -344,6 +386,44 @@ def test_conv_matches_torch_ao_quantized(case):
     assert (diff == 0).double().mean() > 0.97
 
 
+# --- weights packed once -----------------------------------------------------------------------------
+
+PACKED_CASES = [c for c in CONV_CASES if c[0] in ("stem 3->32 s2", "pw 32->64", "pw 512->512", "head box 512->12",
+                                                  "extra 3x3 64->128 s2 2->1", "groups 2", "dw64 s2", "empty batch")]
+
+
+@pytest.mark.parametrize("case", PACKED_CASES, ids=[c[0] for c in PACKED_CASES])
+def test_conv_packed_equals_conv(case, isa):
+    gen = torch.Generator().manual_seed(41)
+    x, weight, kw = _conv_case(case, gen)
+    x = x.abs().clamp(max=127) if case[0].startswith("pw") else x  # also the uint8 kernels
+    packed = qkernels.pack_conv2d_int8_weight(weight, kw["groups"])
+    assert packed.dtype == torch.int8 and packed.dim() == 1
+    o = weight.shape[0]
+    bias, scale = torch.randn(o, generator=gen), torch.rand(o, generator=gen) * 0.01
+    for out_dtype, b, sc, act in ((torch.int32, None, 1.0, None), (torch.int8, bias, scale, "relu"),
+                                  (torch.float32, bias, scale, None)):
+        want = qkernels.conv2d_int8(x, weight, b, scale=sc, out_dtype=out_dtype, activation=act, **kw)
+        got = qkernels.conv2d_int8_packed(x, weight, packed, b, scale=sc, out_dtype=out_dtype, activation=act, **kw)
+        assert torch.equal(got, want)
+
+
+def test_conv_packed_blob_that_does_not_fit_is_ignored(monkeypatch):
+    gen = torch.Generator().manual_seed(42)
+    x, w = rand_int8(2, 32, 5, 5, gen=gen), rand_int8(48, 32, 1, 1, gen=gen)
+    want = qkernels.conv2d_int8(x, w, out_dtype=torch.int32)
+    other = qkernels.pack_conv2d_int8_weight(rand_int8(40, 32, 1, 1, gen=gen))  # another shape
+    for blob in (other, torch.zeros(0, dtype=torch.int8), torch.full((300,), 7, dtype=torch.int8)):
+        assert torch.equal(qkernels.conv2d_int8_packed(x, w, blob, out_dtype=torch.int32), want)
+    packed = qkernels.pack_conv2d_int8_weight(w)
+    monkeypatch.setenv("QKERNELS_INT8_ISA", "portable")  # packed for another instruction set
+    assert torch.equal(qkernels.conv2d_int8_packed(x, w, packed, out_dtype=torch.int32), want)
+    with pytest.raises(RuntimeError, match="groups"):
+        qkernels.pack_conv2d_int8_weight(w, 5)
+    with pytest.raises(RuntimeError, match="int8 weight"):
+        qkernels.pack_conv2d_int8_weight(w.float())
+
+
 # --- opcheck, CUDA ----------------------------------------------------------------------------------
 
 def _opcheck_samples(device):
@@ -367,6 +447,8 @@ def test_opcheck(device):
     conv, lin = _opcheck_samples(device)
     for args in conv:
         torch.library.opcheck(ops.conv2d_int8, args)
+        packed = ops.pack_conv2d_int8_weight(args[1], args[6])
+        torch.library.opcheck(ops.conv2d_int8_packed, (args[0], args[1], packed) + args[2:])
     for args in lin:
         torch.library.opcheck(ops.linear_int8, args)
 

@@ -17,7 +17,9 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/depthwise_avx2.h"
 #include "cpu/int8_gemm.h"
+#include "cpu/packed_weights.h"
 #include "cpu/simd.h"
 
 namespace qkernels {
@@ -313,6 +315,11 @@ void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8Co
   for (int64_t c = 0; c < s.C; ++c)
     for (int64_t t = 0; t < s.kh * s.kw; ++t) w16[t * s.C + c] = wp[c * s.kh * s.kw + t];
   DepthwiseArgs a{xc.data_ptr<int8_t>(), w16.data(), &s, &p, out.data_ptr(), (int64_t)out.element_size(), isa};
+  if (int8isa == Int8Isa::kAvx2 && depthwise_avx2_applies(s)) {
+    depthwise_avx2(xc.data_ptr<int8_t>(), wp, s, p.scale.data(), p.bias.data(), out.data_ptr(),
+                   [&](int64_t b, int64_t oh) { depthwise_row_avx2(a, b, oh); });
+    return;
+  }
   at::parallel_for(0, s.N * s.OH, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / s.OH, oh = r % s.OH;
@@ -452,15 +459,15 @@ bool weights_reorder_while_packing(const Int8ConvShape& s, Int8Isa isa) {
 }
 
 void grouped_gemm_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8ConvShape& s, const ChannelParams& p,
-                       at::Tensor& out) {
+                       at::Tensor& out, const PackedConvWeights& packed = {}) {
   const int64_t Cg = s.C / s.groups, Og = s.O / s.groups, K = s.kh * s.kw * Cg;
   const int64_t M = s.N * s.OH * s.OW;
   const Int8Isa isa = int8_isa();
   // weight rows in patch order (kh, kw, c): [O][kh][kw][C/g], or as given ([O][C/g][kh][kw]) and
-  // reordered row by row while packing
+  // reordered row by row while packing (neither when they come packed)
   const bool reorder = weights_reorder_while_packing(s, isa);
-  const at::Tensor wrows = reorder ? weight.contiguous() : weight.permute({0, 2, 3, 1}).contiguous();
-  const int8_t* wp = wrows.data_ptr<int8_t>();
+  const at::Tensor wrows = packed.valid ? at::Tensor() : reorder ? weight.contiguous() : weight.permute({0, 2, 3, 1}).contiguous();
+  const int8_t* wp = packed.valid ? nullptr : wrows.data_ptr<int8_t>();
   const int8_t* xp = xc.data_ptr<int8_t>();
   const bool pointwise = s.kh == 1 && s.kw == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0;
   const bool short_runs = int8_vector_isa(isa) == Isa::kAvx512 && s.groups == 1 && s.dw == 1 && s.kw * Cg <= 64;
@@ -488,10 +495,13 @@ void grouped_gemm_conv(const at::Tensor& xc, const at::Tensor& weight, const Int
     ep.scale = p.scale.data();
     ep.bias = p.bias.data();
     ep.act = s.act;
-    if (int8_pixels_on_rows(M, Og)) {
+    Int8RowsInMemory pixels;  // a 1x1 stride-1 conv's patches are the NHWC pixels themselves
+    if (pointwise) pixels = {xp + g * Cg, s.C};
+    if (packed.valid) {  // pixels on the rows, whatever M: the weights are packed as the columns
       ep.row_stride = s.O, ep.col_stride = 1, ep.channel_on_rows = false;
-      Int8RowsInMemory pixels;  // a 1x1 stride-1 conv's patches are the NHWC pixels themselves
-      if (pointwise) pixels = {xp + g * Cg, s.C};
+      int8_gemm_avx2_packed(M, K, patch_rows, packed.group(g), ep, pixels);
+    } else if (int8_pixels_on_rows(M, Og)) {
+      ep.row_stride = s.O, ep.col_stride = 1, ep.channel_on_rows = false;
       int8_gemm(isa, M, Og, K, patch_rows, weight_rows, ep, pixels);
     } else {
       ep.row_stride = 1, ep.col_stride = s.O, ep.channel_on_rows = true;
@@ -500,9 +510,10 @@ void grouped_gemm_conv(const at::Tensor& xc, const at::Tensor& weight, const Int
   }
 }
 
-at::Tensor conv2d_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                           const at::Tensor& scale, at::ScalarType out_dtype, c10::string_view activation) {
+at::Tensor conv2d_int8_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* blob,
+                            const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t groups, const at::Tensor& scale, at::ScalarType out_dtype,
+                            c10::string_view activation) {
   const Int8ConvShape s =
       check_conv2d_int8(x, weight, bias, stride, padding, dilation, groups, scale, out_dtype, activation);
   at::Tensor out = at::empty({s.N, s.O, s.OH, s.OW},
@@ -513,8 +524,22 @@ at::Tensor conv2d_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   if (s.groups == s.C && s.groups == s.O)
     depthwise_conv(xc, weight, s, p, out);
   else
-    grouped_gemm_conv(xc, weight, s, p, out);
+    grouped_gemm_conv(xc, weight, s, p, out,
+                      blob != nullptr ? packed_conv_weights(*blob, s, int8_isa()) : PackedConvWeights{});
   return out;
+}
+
+at::Tensor conv2d_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                           const at::Tensor& scale, at::ScalarType out_dtype, c10::string_view activation) {
+  return conv2d_int8_impl(x, weight, nullptr, bias, stride, padding, dilation, groups, scale, out_dtype, activation);
+}
+
+at::Tensor conv2d_int8_packed_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed,
+                                  const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                                  at::IntArrayRef dilation, int64_t groups, const at::Tensor& scale,
+                                  at::ScalarType out_dtype, c10::string_view activation) {
+  return conv2d_int8_impl(x, weight, &packed, bias, stride, padding, dilation, groups, scale, out_dtype, activation);
 }
 
 at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -553,6 +578,8 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 
 TORCH_LIBRARY_IMPL(qkernels, CPU, m) {
   m.impl("conv2d_int8", &conv2d_int8_cpu);
+  m.impl("conv2d_int8_packed", &conv2d_int8_packed_cpu);
+  m.impl("pack_conv2d_int8_weight", &pack_conv2d_int8_weight_cpu);
   m.impl("linear_int8", &linear_int8_cpu);
 }
 

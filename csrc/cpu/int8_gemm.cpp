@@ -9,6 +9,7 @@
 // Q is packed once per call in the VNNI/AMX "B" layout: blocks of 16 Q rows, each [Kp/4][16][4] bytes
 // (four consecutive k of one row form a 32-bit lane). P is packed per task in row panels [rows][Kp].
 #include "cpu/int8_gemm.h"
+#include "cpu/int8_gemm_avx2.h"
 
 
 #include <ATen/Parallel.h>
@@ -550,6 +551,8 @@ const char* int8_isa_name(Int8Isa isa) {
 
 Int8Isa int8_isa() { return std::min(best_isa(), isa_cap()); }
 
+Int8Isa int8_best_isa() { return best_isa(); }
+
 Isa int8_vector_isa(Int8Isa isa) {
   if (isa >= Int8Isa::kAvx512Vnni) return Isa::kAvx512;
   if (isa >= Int8Isa::kAvx2) return Isa::kAvx2;
@@ -603,6 +606,7 @@ void Int8Epilogue::apply(int64_t r0, int64_t nr, int64_t c0, int64_t nc, const i
 void int8_gemm(Int8Isa isa, int64_t p_rows, int64_t q_rows, int64_t K, Int8RowSource P, Int8RowSource Q,
                const Int8Epilogue& epilogue, Int8RowsInMemory p_in_memory) {
   if (p_rows == 0 || q_rows == 0) return;
+  if (isa == Int8Isa::kAvx2) return int8_gemm_avx2(p_rows, q_rows, K, P, Q, epilogue, p_in_memory);
   Int8Epilogue ep = epilogue;
   ep.vec = int8_vector_isa(isa);
   // AMX works on 64-deep slices, or one shorter slice when K < 64 (see make_tile_config).

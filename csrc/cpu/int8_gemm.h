@@ -20,6 +20,7 @@ namespace qkernels {
 enum class Int8Isa { kPortable = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3, kAmx = 4 };
 
 Int8Isa int8_isa();            // best available, capped by QKERNELS_INT8_ISA (read on every call)
+Int8Isa int8_best_isa();       // best this processor (and OS) runs, whatever QKERNELS_INT8_ISA says
 const char* int8_isa_name(Int8Isa isa);
 Isa int8_vector_isa(Int8Isa isa);  // the simd.h level that goes with it (epilogues, depthwise)
 

@@ -227,11 +227,26 @@ at::Tensor linear_int8_cuda(const at::Tensor& x, const at::Tensor& weight, const
   return out;
 }
 
+// The packed-weight ops (csrc/ops.cpp): these kernels have no packed weight layout yet, so packing gives an
+// empty tensor and conv2d_int8_packed is conv2d_int8 (whose result it is by definition).
+at::Tensor conv2d_int8_packed_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& /*packed*/,
+                                   const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                   const at::Tensor& scale, at::ScalarType out_dtype, c10::string_view activation) {
+  return conv2d_int8_cuda(x, weight, bias, stride, padding, dilation, groups, scale, out_dtype, activation);
+}
+
+at::Tensor pack_conv2d_int8_weight_cuda(const at::Tensor& weight, int64_t /*groups*/) {
+  return at::empty({0}, weight.options().dtype(at::kChar));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qkernels, CUDA, m) {
   m.impl("conv2d_int8", &conv2d_int8_cuda);
   m.impl("linear_int8", &linear_int8_cuda);
+  m.impl("conv2d_int8_packed", &conv2d_int8_packed_cuda);
+  m.impl("pack_conv2d_int8_weight", &pack_conv2d_int8_weight_cuda);
 }
 
 }  // namespace qkernels

@@ -18,6 +18,7 @@ from .quantizers import ActivationQuantizer
 
 class _Frozen(nn.Module):
     input_quantizer: ActivationQuantizer
+    bn_folded = False  # whether a batch norm was folded into the weights during QAT (fold_bn)
 
     def _init_common(self, quant_layer, weight: torch.Tensor, bias):
         wq = quant_layer.weight_quantizer
@@ -40,6 +41,7 @@ class FrozenConv2d(_Frozen):
         new = cls()
         weight, bias = layer.weight, layer.bias
         bn = layer.folded_bn
+        new.bn_folded = bn is not None  # structure only (the weights hold it): for the transpiler's summary
         if bn is not None:
             with torch.no_grad():
                 factor = bn_factor(bn)

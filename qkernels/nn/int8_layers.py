@@ -21,7 +21,9 @@ has the same state_dict keys as a trained one.
 State (``state_dict``): ``weight`` (int8; or uint8 = code + 128 with ``weight_storage="uint8"``, converted
 back to int8 on load), ``weight_scale``, ``bias``, ``input_scale`` (static types), ``bn_factor`` (folded
 batch norm), ``output_scale`` (chained layers). The epilogue constants derive from these and are
-recomputed after ``load_state_dict``.
+recomputed after ``load_state_dict``, and so are the weights packed for the CPU kernels (Int8Conv2d:
+``pack_conv2d_int8_weight``, once, not per call; again after ``.to(device)``; call ``refresh()`` after
+changing ``weight`` in place).
 """
 from typing import Optional
 
@@ -32,6 +34,11 @@ from .. import ops as qk
 from ..ops.fake_quant import bin_count
 
 ACTIVATIONS = (None, "relu", "relu6")
+
+
+def _refresh_after_load(module: "_Int8Layer", _incompatible_keys) -> None:
+    # A named function, not a lambda, so that whole int8 models can be pickled (torch.save(model)).
+    module.refresh()
 
 
 class _Int8Layer(nn.Module):
@@ -51,7 +58,8 @@ class _Int8Layer(nn.Module):
         self.register_buffer("output_scale", None)
         self.register_buffer("_epilogue_scale", None, persistent=False)
         self.register_buffer("_epilogue_bias", None, persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, _incompatible: module.refresh())
+        self.register_buffer("_packed_weight", None, persistent=False)
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     # --- structure set by the transpiler ----------------------------------------------------------
 
@@ -113,6 +121,17 @@ class _Int8Layer(nn.Module):
             bias = None if bias is None else bias * to_codes
         self._epilogue_scale = scale.contiguous()
         self._epilogue_bias = None if bias is None else bias.contiguous()
+        self._pack_weight()
+
+    def _pack_weight(self) -> None:
+        """Layers with a packed form of their weights (Int8Conv2d) pack them here: when built, loaded and moved."""
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) / .cuda() / .cpu(): the packed weights are for the old device's kernels, pack again
+        result = super()._apply(fn, recurse)
+        if self.weight is not None and self.weight.dtype == torch.int8:
+            self._pack_weight()
+        return result
 
     def _input_codes(self, x: torch.Tensor):
         """(int8 codes, scale factor for the epilogue)."""
@@ -186,10 +205,15 @@ class Int8Conv2d(_Int8Layer):
         new.refresh()
         return new
 
+    @torch.no_grad()
+    def _pack_weight(self) -> None:
+        self._packed_weight = qk.pack_conv2d_int8_weight(self.weight, self.groups)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale = self._input_codes(x)
-        return qk.conv2d_int8(codes, self.weight, self._epilogue_bias, self.stride, self.padding, self.dilation,
-                              self.groups, scale, self._out_dtype(), self.activation)
+        return qk.conv2d_int8_packed(codes, self.weight, self._packed_weight, self._epilogue_bias, self.stride,
+                                     self.padding, self.dilation, self.groups, scale, self._out_dtype(),
+                                     self.activation)
 
     def extra_repr(self) -> str:
         return "%d, %d, kernel_size=%s, stride=%s, padding=%s, groups=%d, %s" % (

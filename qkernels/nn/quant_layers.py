@@ -5,9 +5,11 @@ conv / linear. They subclass nn.Conv2d / nn.Linear and reuse the original ``weig
 Parameter objects, so float checkpoints load before or after transpiling and an optimizer built on the
 float model keeps training the same tensors.
 
-Deviation from the reference (which quantizes a tensor used by several layers once): here every layer
-quantizes its own input. Each consumer's quantizer sees the same inputs, so the results (and static
-states) are identical; only the work is repeated.
+A tensor read by several layers has one input quantizer, as in the reference: the transpiler gives the
+first reader (in call order) the quantizer and registers the same module in the later readers with
+``shares_input_quantizer = True``; those apply its state without updating it, so the state is updated
+once per step and ``state_dict`` lists it under every reader's name (one tensor). The fake quant itself
+still runs in each reader (same values).
 """
 from typing import Optional
 
@@ -19,11 +21,18 @@ from .bn_fold import batch_norm_after_fold, bn_factor, folded_bias
 from .quantizers import ActivationQuantizer, FakeQuantWeight
 
 
+def _quantize_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if layer.shares_input_quantizer:
+        return layer.input_quantizer.reuse(x)
+    return layer.input_quantizer(x)
+
+
 class QuantConv2d(nn.Conv2d):
     """nn.Conv2d with fake-quantized input and weight (optionally with the next BatchNorm2d folded in)."""
 
     input_quantizer: ActivationQuantizer
     weight_quantizer: FakeQuantWeight
+    shares_input_quantizer = False  # True: input_quantizer belongs to an earlier layer reading the same tensor
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, input_quantizer: ActivationQuantizer, weight_quantizer: FakeQuantWeight,
@@ -46,7 +55,7 @@ class QuantConv2d(nn.Conv2d):
         return self._folded_bn[0] if self._folded_bn else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_quantizer(x)
+        x = _quantize_input(self, x)
         if not self._folded_bn:
             return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
         bn = self._folded_bn[0]
@@ -62,7 +71,8 @@ class QuantConv2d(nn.Conv2d):
         return batch_norm_after_fold(y, bn)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", bn folded" if self._folded_bn else "")
+        return super().extra_repr() + (", bn folded" if self._folded_bn else "") + (
+            ", shared input quantizer" if self.shares_input_quantizer else "")
 
 
 class QuantLinear(nn.Linear):
@@ -70,6 +80,7 @@ class QuantLinear(nn.Linear):
 
     input_quantizer: ActivationQuantizer
     weight_quantizer: FakeQuantWeight
+    shares_input_quantizer = False
 
     @classmethod
     def from_float(cls, linear: nn.Linear, input_quantizer: ActivationQuantizer,
@@ -83,4 +94,4 @@ class QuantLinear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return F.linear(_quantize_input(self, x), self.weight_quantizer(self.weight), self.bias)

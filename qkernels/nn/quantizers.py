@@ -91,6 +91,16 @@ class ActivationQuantizer(_Quantizer):
             return qk.quantize_with_scale(x, self.scale, self.bits), self.scale
         return qk.quantize_abs_max(x, self.bits)
 
+    def reuse(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake quant-dequant ``x`` with the current state and leave the state alone: what a layer does
+        that reads the same tensor as an earlier layer owning this quantizer (which updated the state
+        for this batch already), so that one tensor has one state, updated once per step."""
+        if not self.enabled:
+            return x
+        if self.static:
+            return self._fake_quant_with_state(x)
+        return qk.fake_quant_abs_max(x, self.bits, self.ste)[0]
+
     def _fake_quant_with_state(self, x: torch.Tensor) -> torch.Tensor:
         # With the clipping STE the scale is saved for backward: hand over a copy, so that a later
         # in-place update (the same module used twice before backward) cannot invalidate it.

@@ -11,16 +11,18 @@ from .fake_quant import (  # noqa: F401
     range_abs_max_update_,
     recompute_fake_quant_outputs,
 )
-from .int8 import conv2d_int8, linear_int8  # noqa: F401
+from .int8 import conv2d_int8, conv2d_int8_packed, linear_int8, pack_conv2d_int8_weight  # noqa: F401
 
 __all__ = [
     "abs_max",
     "conv2d_int8",
+    "conv2d_int8_packed",
     "fake_channel_wise_quant_abs_max",
     "fake_quant_abs_max",
     "fake_quant_with_scale",
     "linear_int8",
     "moving_average_abs_max_update_",
+    "pack_conv2d_int8_weight",
     "quantize_abs_max",
     "quantize_channel_wise_abs_max",
     "quantize_with_scale",

@@ -102,6 +102,41 @@ def linear_int8(
     return ops.linear_int8(x, weight, bias, scale_t, out_dtype, act)
 
 
+def pack_conv2d_int8_weight(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """``weight`` (int8 [O, C/groups, kh, kw]) packed once into the layout of this device's int8 conv
+    kernels, for ``conv2d_int8_packed``: an opaque int8 tensor, empty where the kernels have no packed form
+    (the CPU packs for its AVX2 kernels; CUDA has none yet)."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError("qkernels: weight must be a torch.Tensor, got %s" % type(weight).__name__)
+    check_backend(weight)
+    return ops.pack_conv2d_int8_weight(weight, int(groups))
+
+
+def conv2d_int8_packed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    packed: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: Union[int, Sequence[int]] = 1,
+    padding: Union[int, Sequence[int]] = 0,
+    dilation: Union[int, Sequence[int]] = 1,
+    groups: int = 1,
+    scale: Scale = 1.0,
+    out_dtype: torch.dtype = torch.float32,
+    activation: Optional[str] = None,
+) -> torch.Tensor:
+    """``conv2d_int8`` with the weights also given packed (``pack_conv2d_int8_weight(weight, groups)``):
+    the same result bit for bit, without repacking the weights on every call. A ``packed`` tensor made for
+    another shape, instruction set or device is ignored (the weights are then packed per call)."""
+    scale_t, act = _epilogue_args(x, weight, bias, scale, out_dtype, activation)
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError("qkernels: packed must be a torch.Tensor, got %s" % type(packed).__name__)
+    return ops.conv2d_int8_packed(
+        x, weight, packed, bias, _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"),
+        int(groups), scale_t, out_dtype, act,
+    )
+
+
 # --- fake (meta) kernels: shapes and dtypes only, so torch.compile traces without graph breaks ------
 
 def _conv_out_size(size, k, s, p, d):
@@ -121,3 +156,19 @@ def _(x, weight, bias, stride, padding, dilation, groups, scale, out_dtype, acti
 @torch.library.register_fake("qkernels::linear_int8")
 def _(x, weight, bias, scale, out_dtype, activation):
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype)
+
+
+@torch.library.register_fake("qkernels::conv2d_int8_packed")
+def _(x, weight, packed, bias, stride, padding, dilation, groups, scale, out_dtype, activation):
+    torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "qkernels: conv2d_int8 expects 4-D input and weight")
+    n, h, w = x.shape[0], x.shape[2], x.shape[3]
+    o, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
+    oh = _conv_out_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = _conv_out_size(w, kw, stride[1], padding[1], dilation[1])
+    return torch.empty((n, o, oh, ow), dtype=out_dtype, device=x.device, memory_format=torch.channels_last)
+
+
+@torch.library.register_fake("qkernels::pack_conv2d_int8_weight")
+def _(weight, groups):
+    # the packed size depends on the instruction set found at run time
+    return weight.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int8)

@@ -1,0 +1,246 @@
+// int8 depthwise conv for AVX2 without VNNI: one vpmaddubsw + vpmaddwd applies a whole kernel column
+// (up to 4 kernel rows) to 8 channels.
+//
+// For each input column, the 32 channel bytes of the (up to 4) kernel rows' input pixels are interleaved
+// per channel into dwords [x(row 0), x(row 1), x(row 2), x(row 3)] (punpck*bw then punpck*wd), once per
+// column: the kw / stride output pixels that read the column reuse it from a small buffer. The unpacks
+// work within 128-bit lanes, so interleaved vector q holds channels 4q..4q+3 (lane 0) and 16+4q..16+4q+3
+// (lane 1); the weights are stored in that order and the sums are put back in channel order before the
+// epilogue. x enters vpmaddubsw as uint8, which is exact for x >= 0 (pair sums <= 2 * 127 * 128 < 2^15):
+// every depthwise input of a ReLU network. The interleaving sees every input byte, so it also notes a
+// negative one; such an output row is then recomputed by the general kernel (exact for everything).
+#include "cpu/depthwise_avx2.h"
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/int8_gemm_avx2.h"
+
+namespace qkernels {
+namespace {
+
+constexpr int64_t kRows = 4;       // kernel rows per dword
+constexpr int64_t kLanes = 32;     // channels per block (one 256-bit load per input pixel)
+constexpr int64_t kColumn = 128;   // bytes of one interleaved column of a block: 4 vectors
+constexpr int64_t kSegment = 64;   // output pixels per interleaving buffer (stays in L1)
+
+// Block weights [kw][4 vectors][32 bytes], scale and bias [4 vectors][8], all in interleaved order.
+// w_next: the same weights one kernel row down (dword bytes [0, w0, w1, w2]), for the second of two output
+// rows computed from one interleaving of four input rows (stride 1, kernels up to 3 rows).
+struct Weights {
+  std::vector<int8_t> w, w_next;
+  std::vector<float> scale, bias;
+  int64_t blocks;
+  Weights(const int8_t* wp, const Int8ConvShape& s, const float* sc, const float* bi) {
+    blocks = (s.C + kLanes - 1) / kLanes;
+    w.assign(blocks * s.kw * kColumn, 0);
+    w_next.assign(blocks * s.kw * kColumn, 0);
+    scale.assign(blocks * kLanes, 0.f);
+    bias.assign(blocks * kLanes, 0.f);
+    for (int64_t blk = 0; blk < blocks; ++blk)
+      for (int64_t p = 0; p < kLanes; ++p) {  // p = 8q + 4L + d: vector q, lane L, dword d
+        const int64_t q = p / 8, L = (p % 8) / 4, d = p % 4, c = blk * kLanes + 16 * L + 4 * q + d;
+        if (c >= s.C) continue;
+        scale[blk * kLanes + p] = sc[c];
+        bias[blk * kLanes + p] = bi[c];
+        for (int64_t j = 0; j < s.kw; ++j)
+          for (int64_t i = 0; i < s.kh; ++i) {
+            const int64_t at = ((blk * s.kw + j) * 4 + q) * 32 + (4 * L + d) * 4 + i;
+            w[at] = wp[(c * s.kh + i) * s.kw + j];
+            if (i + 1 < kRows) w_next[at + 1] = w[at];
+          }
+      }
+  }
+};
+
+// 32 bytes of channels [c0, c0 + cn) at p (zeros beyond cn).
+QK_TARGET_AVX2 QK_INLINE __m256i load_channels(const int8_t* p, int64_t cn) {
+  if (cn >= kLanes) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  alignas(32) int8_t t[kLanes] = {0};
+  std::memcpy(t, p, cn);
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(t));
+}
+
+// Interleaves input columns iw_first .. iw_first + ncols - 1 of `rows` (null: padding) into buf; ORs
+// every byte read into *seen (its sign bit then says whether an input was negative). Padding rows read
+// a zero vector with column step 0, so the interior columns need no tests.
+QK_TARGET_AVX2 QK_INLINE void interleave_columns(const int8_t* const rows[kRows], int64_t W, int64_t C, int64_t cn,
+                                                 int64_t iw_first, int64_t ncols, int8_t* buf, __m256i* seen) {
+  alignas(32) static const int8_t zeros[kLanes] = {0};
+  const int8_t* base[kRows];
+  int64_t step[kRows];
+  for (int i = 0; i < kRows; ++i) {
+    base[i] = rows[i] != nullptr ? rows[i] : zeros;
+    step[i] = rows[i] != nullptr ? C : 0;
+  }
+  __m256i any = *seen;
+  for (int64_t k = 0; k < ncols; ++k) {
+    const int64_t iw = iw_first + k;
+    __m256i r[kRows];
+    if (iw < 0 || iw >= W || cn < kLanes) {
+      for (int i = 0; i < kRows; ++i)
+        r[i] = rows[i] != nullptr && iw >= 0 && iw < W ? load_channels(rows[i] + iw * C, cn) : _mm256_setzero_si256();
+    } else {
+      for (int i = 0; i < kRows; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base[i] + iw * step[i]));
+    }
+    any = _mm256_or_si256(any, _mm256_or_si256(_mm256_or_si256(r[0], r[1]), _mm256_or_si256(r[2], r[3])));
+    const __m256i lo01 = _mm256_unpacklo_epi8(r[0], r[1]), hi01 = _mm256_unpackhi_epi8(r[0], r[1]);
+    const __m256i lo23 = _mm256_unpacklo_epi8(r[2], r[3]), hi23 = _mm256_unpackhi_epi8(r[2], r[3]);
+    int8_t* d = buf + k * kColumn;
+    _mm256_store_si256(reinterpret_cast<__m256i*>(d), _mm256_unpacklo_epi16(lo01, lo23));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(d + 32), _mm256_unpackhi_epi16(lo01, lo23));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(d + 64), _mm256_unpacklo_epi16(hi01, hi23));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(d + 96), _mm256_unpackhi_epi16(hi01, hi23));
+  }
+  *seen = any;
+}
+
+// The epilogue of one block's accumulators, still in interleaved order (acc[q] lane L: channels
+// 16L + 4q .. + 3; scale and bias likewise), stored as cn <= 32 channels in channel order. For int8 the
+// saturating packs put the channels in order by themselves: packs(acc0, acc1) holds channels 0-7 | 16-23
+// as int16, packs(acc2, acc3) 8-15 | 24-31, and packing those two gives 0-15 | 16-31.
+template <int KIND, int ACT>
+QK_TARGET_AVX2 QK_INLINE void store_block(const __m256i acc[4], const __m256 sc[4], const __m256 bi[4], int64_t cn,
+                                         char* o) {
+  if (KIND == kOutInt8) {
+    __m256i r[4];
+    for (int q = 0; q < 4; ++q) r[q] = avx2_round8<ACT>(avx2_value8<ACT>(acc[q], sc[q], bi[q]));
+    __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+    bytes = _mm256_andnot_si256(_mm256_cmpeq_epi8(bytes, _mm256_set1_epi8(-128)), bytes);  // NaN -> 0
+    if (cn == kLanes) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), bytes);
+    } else {
+      alignas(32) int8_t t[kLanes];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(t), bytes);
+      std::memcpy(o, t, cn);
+    }
+    return;
+  }
+  // float / int32: to channel order first (a 2x2 transpose of 128-bit lanes)
+  const __m256i o0 = _mm256_permute2x128_si256(acc[0], acc[1], 0x20);  // channels 0-7
+  const __m256i o1 = _mm256_permute2x128_si256(acc[2], acc[3], 0x20);  // 8-15
+  const __m256i o2 = _mm256_permute2x128_si256(acc[0], acc[1], 0x31);  // 16-23
+  const __m256i o3 = _mm256_permute2x128_si256(acc[2], acc[3], 0x31);  // 24-31
+  const __m256 s01[2] = {_mm256_permute2f128_ps(sc[0], sc[1], 0x20), _mm256_permute2f128_ps(sc[2], sc[3], 0x20)};
+  const __m256 s23[2] = {_mm256_permute2f128_ps(sc[0], sc[1], 0x31), _mm256_permute2f128_ps(sc[2], sc[3], 0x31)};
+  const __m256 b01[2] = {_mm256_permute2f128_ps(bi[0], bi[1], 0x20), _mm256_permute2f128_ps(bi[2], bi[3], 0x20)};
+  const __m256 b23[2] = {_mm256_permute2f128_ps(bi[0], bi[1], 0x31), _mm256_permute2f128_ps(bi[2], bi[3], 0x31)};
+  epilogue16_avx2<KIND, ACT>(o0, o1, s01, b01, std::min<int64_t>(cn, 16), o);
+  if (cn > 16) epilogue16_avx2<KIND, ACT>(o2, o3, s23, b23, cn - 16, o + 16 * 4);
+}
+
+// One output row (b, oh), all channel blocks; returns false when some input was negative (the row
+// must then be recomputed).
+bool pairs_rows(const Int8ConvShape& s) { return s.sh == 1 && s.dh == 1 && s.kh < kRows; }
+
+// PAIR: output rows oh and oh + 1 (if there is one) from one interleaving of input rows oh - ph .. oh - ph + 3
+// (stride 1, undilated, kh <= 3), the second with w_next: half the interleaving work per output row.
+template <int KIND, int ACT, int KW, bool PAIR>
+QK_TARGET_AVX2 bool depthwise_row(const int8_t* x, const Weights& wv, const Int8ConvShape& s, void* out, int8_t* buf,
+                                  int64_t b, int64_t oh) {
+  const int64_t kw = KW > 0 ? KW : s.kw;
+  const bool second = PAIR && oh + 1 < s.OH;
+  const int64_t esize = KIND == kOutInt8 ? 1 : 4;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i seen = _mm256_setzero_si256();
+  for (int64_t blk = 0; blk < wv.blocks; ++blk) {
+    const int64_t c0 = blk * kLanes, cn = std::min(kLanes, s.C - c0);
+    const int8_t* rows[kRows];
+    for (int64_t i = 0; i < kRows; ++i) {
+      const int64_t ih = oh * s.sh - s.ph + i * s.dh;
+      rows[i] = i < s.kh + (PAIR ? 1 : 0) && ih >= 0 && ih < s.H ? x + (b * s.H + ih) * s.W * s.C + c0 : nullptr;
+    }
+    const int8_t* wblk = wv.w.data() + blk * kw * kColumn;
+    const int8_t* wblk_next = wv.w_next.data() + blk * kw * kColumn;
+    __m256 sc[4], bi[4];
+    for (int v = 0; v < 4; ++v) {
+      sc[v] = _mm256_loadu_ps(wv.scale.data() + c0 + 8 * v);
+      bi[v] = _mm256_loadu_ps(wv.bias.data() + c0 + 8 * v);
+    }
+    for (int64_t ow0 = 0; ow0 < s.OW; ow0 += kSegment) {
+      const int64_t n = std::min(kSegment, s.OW - ow0);
+      interleave_columns(rows, s.W, s.C, cn, ow0 * s.sw - s.pw, (n - 1) * s.sw + (kw - 1) * s.dw + 1, buf, &seen);
+      for (int64_t u = 0; u < n; ++u) {
+        __m256i acc[4], acc2[4];
+        for (int q = 0; q < 4; ++q) acc[q] = acc2[q] = _mm256_setzero_si256();
+        const int8_t* col = buf + u * s.sw * kColumn;
+#pragma GCC unroll 4
+        for (int64_t j = 0; j < kw; ++j) {
+          const int8_t* cj = col + j * s.dw * kColumn;
+          const int8_t* wj = wblk + j * kColumn;
+          const int8_t* wj2 = wblk_next + j * kColumn;
+#pragma GCC unroll 4
+          for (int q = 0; q < 4; ++q) {
+            const __m256i xv = _mm256_load_si256(reinterpret_cast<const __m256i*>(cj + 32 * q));
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wj + 32 * q));
+            acc[q] = _mm256_add_epi32(acc[q], _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w), ones));
+            if (PAIR) {
+              const __m256i w2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wj2 + 32 * q));
+              acc2[q] = _mm256_add_epi32(acc2[q], _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w2), ones));
+            }
+          }
+        }
+        char* o = static_cast<char*>(out) + (((b * s.OH + oh) * s.OW + ow0 + u) * s.C + c0) * esize;
+        store_block<KIND, ACT>(acc, sc, bi, cn, o);
+        if (second) store_block<KIND, ACT>(acc2, sc, bi, cn, o + s.OW * s.C * esize);
+      }
+    }
+  }
+  return _mm256_movemask_epi8(seen) == 0;
+}
+
+template <int KIND, int ACT>
+bool depthwise_row_act(const int8_t* x, const Weights& wv, const Int8ConvShape& s, void* out, int8_t* buf, int64_t b,
+                       int64_t oh) {
+  if (pairs_rows(s)) {
+    if (s.kw == 3) return depthwise_row<KIND, ACT, 3, true>(x, wv, s, out, buf, b, oh);
+    return depthwise_row<KIND, ACT, 0, true>(x, wv, s, out, buf, b, oh);
+  }
+  if (s.kw == 3) return depthwise_row<KIND, ACT, 3, false>(x, wv, s, out, buf, b, oh);
+  return depthwise_row<KIND, ACT, 0, false>(x, wv, s, out, buf, b, oh);
+}
+
+template <int KIND>
+bool depthwise_row_kind(const int8_t* x, const Weights& wv, const Int8ConvShape& s, void* out, int8_t* buf, int64_t b,
+                        int64_t oh) {
+  switch (s.act) {
+    case kActRelu: return depthwise_row_act<KIND, kActRelu>(x, wv, s, out, buf, b, oh);
+    case kActRelu6: return depthwise_row_act<KIND, kActRelu6>(x, wv, s, out, buf, b, oh);
+    default: return depthwise_row_act<KIND, kActNone>(x, wv, s, out, buf, b, oh);
+  }
+}
+
+bool depthwise_row_any(const int8_t* x, const Weights& wv, const Int8ConvShape& s, void* out, int8_t* buf, int64_t b,
+                       int64_t oh) {
+  switch (s.out_kind) {
+    case kOutInt32: return depthwise_row_kind<kOutInt32>(x, wv, s, out, buf, b, oh);
+    case kOutInt8: return depthwise_row_kind<kOutInt8>(x, wv, s, out, buf, b, oh);
+    default: return depthwise_row_kind<kOutFloat>(x, wv, s, out, buf, b, oh);
+  }
+}
+
+}  // namespace
+
+bool depthwise_avx2_applies(const Int8ConvShape& s) { return s.kh <= kRows; }
+
+void depthwise_avx2(const int8_t* x, const int8_t* w, const Int8ConvShape& s, const float* scale, const float* bias,
+                    void* out, DepthwiseRowFallback fallback) {
+  const Weights wv(w, s, scale, bias);
+  const int64_t ncols = (kSegment - 1) * s.sw + (s.kw - 1) * s.dw + 1;
+  const int64_t step = pairs_rows(s) ? 2 : 1, per_image = (s.OH + step - 1) / step;
+  at::parallel_for(0, s.N * per_image, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<int8_t> mem(ncols * kColumn + 32);
+    int8_t* buf = mem.data() + (32 - reinterpret_cast<uintptr_t>(mem.data()) % 32) % 32;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / per_image, oh = (r % per_image) * step;
+      if (!depthwise_row_any(x, wv, s, out, buf, b, oh))
+        for (int64_t o = oh; o < std::min(oh + step, s.OH); ++o) fallback(b, o);
+    }
+  });
+}
+
+}  // namespace qkernels

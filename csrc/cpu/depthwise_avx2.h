@@ -1,0 +1,22 @@
+// int8 depthwise conv (groups == C == O) for AVX2 without VNNI; see depthwise_avx2.cpp.
+#pragma once
+
+#include <c10/util/FunctionRef.h>
+
+#include <cstdint>
+
+#include "int8_common.h"
+
+namespace qkernels {
+
+// Recomputes output row (b, oh) exactly (for rows with negative inputs, which the kernel cannot take).
+using DepthwiseRowFallback = c10::function_ref<void(int64_t b, int64_t oh)>;
+
+// Whether depthwise_avx2 takes this shape (kernels up to 4 rows high).
+bool depthwise_avx2_applies(const Int8ConvShape& s);
+
+// x NHWC int8, w [C][kh][kw], scale and bias one per channel, out NHWC typed by s.out_kind.
+void depthwise_avx2(const int8_t* x, const int8_t* w, const Int8ConvShape& s, const float* scale, const float* bias,
+                    void* out, DepthwiseRowFallback fallback);
+
+}  // namespace qkernels

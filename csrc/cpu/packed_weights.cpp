@@ -1,0 +1,85 @@
+#include "cpu/packed_weights.h"
+
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include <cstring>
+
+namespace qkernels {
+namespace {
+
+constexpr int64_t kMagic = 0x31386b7170;  // "pqk81"
+constexpr int64_t kHeader = 64;           // bytes: int64 magic, isa, O, Cg, kh, kw, groups, Kp
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+struct Header {
+  int64_t magic, isa, O, Cg, kh, kw, groups, Kp;
+};
+static_assert(sizeof(Header) == kHeader, "header layout");
+
+// Offset of the first group's data: header, one has_min byte per group, aligned to 64.
+int64_t data_offset(int64_t groups) { return round_up(kHeader + groups, 64); }
+
+}  // namespace
+
+at::Tensor pack_conv2d_int8_weight_cpu(const at::Tensor& weight, int64_t groups) {
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.dim() == 4,
+              "qkernels: pack_conv2d_int8_weight expects an int8 weight [O, C/groups, kh, kw], got ",
+              weight.scalar_type(), " of shape ", weight.sizes());
+  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, "qkernels: groups (", groups,
+              ") must divide the output channels (", weight.size(0), ")");
+  const at::TensorOptions bytes = weight.options().dtype(at::kChar);
+  const int64_t O = weight.size(0), Cg = weight.size(1), kh = weight.size(2), kw = weight.size(3);
+  const bool depthwise = groups > 1 && Cg == 1 && O == groups;
+  const Int8Isa isa = int8_isa();
+  if (isa != Int8Isa::kAvx2 || depthwise || O == 0) return at::empty({0}, bytes);
+  const int64_t Og = O / groups, K = kh * kw * Cg, per_group = avx2_packed_q_bytes(Og, K);
+  at::Tensor blob = at::empty({data_offset(groups) + groups * per_group}, bytes);
+  int8_t* base = blob.data_ptr<int8_t>();
+  const Header h{kMagic, (int64_t)isa, O, Cg, kh, kw, groups, round_up(std::max<int64_t>(K, 1), 4)};
+  std::memcpy(base, &h, sizeof h);
+  const at::Tensor rows = weight.permute({0, 2, 3, 1}).contiguous();  // patch order (kh, kw, c)
+  const int8_t* wp = rows.data_ptr<int8_t>();
+  for (int64_t g = 0; g < groups; ++g) {
+    auto source = [&](int64_t r0, int64_t n, int8_t* dst, int64_t ld) {
+      for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * ld, wp + (g * Og + r0 + i) * K, K);
+    };
+    base[kHeader + g] = avx2_pack_q(source, Og, K, base + data_offset(groups) + g * per_group) ? 1 : 0;
+  }
+  return blob;
+}
+
+PackedConvWeights packed_conv_weights(const at::Tensor& blob, const Int8ConvShape& s, Int8Isa isa) {
+  PackedConvWeights v;
+  if (!blob.defined() || !blob.device().is_cpu() || blob.scalar_type() != at::kChar || !blob.is_contiguous() ||
+      blob.numel() < kHeader)
+    return v;
+  Header h;
+  std::memcpy(&h, blob.data_ptr<int8_t>(), sizeof h);
+  const int64_t Cg = s.C / s.groups, K = s.kh * s.kw * Cg;
+  const bool fits = h.magic == kMagic && h.isa == (int64_t)isa && isa == Int8Isa::kAvx2 && h.O == s.O && h.Cg == Cg &&
+                    h.kh == s.kh && h.kw == s.kw && h.groups == s.groups &&
+                    h.Kp == round_up(std::max<int64_t>(K, 1), 4) &&
+                    blob.numel() == data_offset(s.groups) + s.groups * avx2_packed_q_bytes(s.O / s.groups, K);
+  if (!fits) return v;
+  v.valid = true;
+  v.groups = s.groups;
+  v.blob = &blob;
+  return v;
+}
+
+Avx2PackedQ PackedConvWeights::group(int64_t g) const {
+  Header h;
+  const int8_t* base = blob->data_ptr<int8_t>();
+  std::memcpy(&h, base, sizeof h);
+  const int64_t Og = h.O / h.groups, K = h.kh * h.kw * h.Cg;
+  Avx2PackedQ q;
+  q.data = base + data_offset(h.groups) + g * avx2_packed_q_bytes(Og, K);
+  q.rows = Og;
+  q.Kp = h.Kp;
+  q.has_min = base[kHeader + g] != 0;
+  return q;
+}
+
+}  // namespace qkernels

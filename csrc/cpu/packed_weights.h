@@ -1,0 +1,32 @@
+// Conv weights packed once (when a layer is built, loaded or moved) into the layout of the CPU int8
+// GEMM, so that a call does not repack them. The blob is an int8 tensor: a header saying for which
+// instruction set and shape it was packed, then the packed groups. A blob that does not fit the call
+// (another shape, or the instruction set capped differently since, e.g. by QKERNELS_INT8_ISA) is
+// ignored and the weights are packed per call as without one: results never depend on it.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "cpu/int8_gemm.h"
+#include "cpu/int8_gemm_avx2.h"
+
+namespace qkernels {
+
+// What a blob holds for one conv, or valid == false.
+struct PackedConvWeights {
+  bool valid = false;
+  int64_t groups = 0;
+  const at::Tensor* blob = nullptr;
+  Avx2PackedQ group(int64_t g) const;  // Q of group g (rows O/groups, K = kh*kw*C/groups in patch order)
+};
+
+// Packs weight [O, C/groups, kh, kw] for the current instruction set; an empty tensor where it has no
+// packed form (instruction sets other than AVX2 pack per call, and depthwise weights are not packed).
+at::Tensor pack_conv2d_int8_weight_cpu(const at::Tensor& weight, int64_t groups);
+
+// The blob's view for a conv of shape s on instruction set isa (valid == false if it does not fit).
+PackedConvWeights packed_conv_weights(const at::Tensor& blob, const Int8ConvShape& s, Int8Isa isa);
+
+}  // namespace qkernels

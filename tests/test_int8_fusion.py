@@ -1,0 +1,102 @@
+"""qkernels.int8_fusion: layers whose output several int8 layers read (one static scale) write int8 codes,
+found by one traced forward (convert_to_int8(model, example_inputs=...)); never when anything else reads it."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from qkernels import GraphTraceWarning, QuantizeTranspiler
+from qkernels.nn.int8_layers import Int8Conv2d
+
+from test_transpiler import check_int8_layer_by_layer
+
+
+def block(c_in, c_out, k=3, stride=1):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+class SharedMap(nn.Module):
+    """A body whose output map feeds the next block and two heads (the SSD pattern, down to the input check
+    that torch.fx cannot trace, so the transpiler falls back to module order); `extra` adds a read of the map
+    outside the int8 layers, `expose` returns the map itself."""
+
+    def __init__(self, extra=False, expose=False):
+        super().__init__()
+        self.body = nn.Sequential(block(3, 8, stride=2), block(8, 16, k=1))
+        self.next = nn.Sequential(block(16, 16, stride=2))
+        self.heads = nn.ModuleList([nn.Conv2d(16, 4, 1), nn.Conv2d(16, 6, 1)])
+        self.extra, self.expose = extra, expose
+
+    def forward(self, x):
+        if x.dim() != 4:
+            raise ValueError("expected a batch of images")
+        fmap = self.body(x)
+        deeper = self.next(fmap)
+        outs = [h(fmap).flatten(1) for h in self.heads] + [deeper.flatten(1)]
+        if self.extra:
+            outs.append(fmap.mean((2, 3)))
+        if self.expose:
+            outs.append(fmap)
+        return outs
+
+
+def converted(net, kind="range_abs_max", trace=True):
+    torch.manual_seed(0)
+    warnings.simplefilter("ignore", GraphTraceWarning)
+    t = QuantizeTranspiler(activation_quantize_type=kind, fold_bn=True)
+    qat = t.training_transpile(net).train()
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randn(2, 3, 16, 16, generator=gen) for _ in range(3)]
+    with torch.no_grad():
+        for x in calib:
+            qat(x)
+    qat.eval()
+    frozen = t.freeze_program(copy.deepcopy(qat))
+    plain = t.convert_to_int8(copy.deepcopy(qat))
+    traced = t.convert_to_int8(copy.deepcopy(qat), example_inputs=(calib[0],)) if trace else None
+    return frozen, plain, traced
+
+
+def test_shared_map_is_chained_to_all_its_readers():
+    frozen, plain, traced = converted(SharedMap())
+    assert not plain.body[1][0].chained  # the Sequential alone cannot show who reads the map
+    assert traced.body[1][0].chained and traced.body[0][0].chained
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        for a, b in zip(plain(x), traced(x)):
+            assert torch.equal(a, b)  # the same codes, only no float tensor in between
+    check_int8_layer_by_layer(frozen, traced, x)
+
+
+@pytest.mark.parametrize("variant", ["extra", "expose"])
+def test_map_read_elsewhere_stays_float(variant):
+    _, _, traced = converted(SharedMap(**{variant: True}))
+    assert not traced.body[1][0].chained
+    assert traced.body[0][0].chained  # inside the Sequential, as before
+
+
+def test_dynamic_readers_are_not_chained():
+    _, _, traced = converted(SharedMap(), kind="abs_max")
+    assert not any(m.chained for m in traced.modules() if isinstance(m, Int8Conv2d))
+
+
+def test_mobilenet_ssd_feature_maps_are_chained():
+    from ssd.model import MobileNetSSD
+
+    torch.manual_seed(0)
+    _, plain, traced = converted(MobileNetSSD(num_classes=3))
+    convs = [m for m in traced.modules() if isinstance(m, Int8Conv2d)]
+    reads_codes = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: reads_codes.append(args[0].dtype == torch.int8))
+             for m in convs]
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        got = traced(x)
+        want = plain(x)
+    for h in hooks:
+        h.remove()
+    assert sum(reads_codes) == len(convs) - 1 == 46  # every conv but the stem reads int8 codes
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
