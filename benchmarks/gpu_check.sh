@@ -151,7 +151,7 @@ BUILT=$(timeout 60 "$PY" -c "import qkernels, sys; sys.exit(0 if qkernels.has_cu
 [ "$BUILT" = 1 ] || echo "build: qkernels has no CUDA kernels (see build.log); the GPU stages below will fail" | tee -a "$SUMMARY"
 
 # --- 3. SASS of the build: registers, spills, instruction mix, and the designs' requirements -----------
-stage sass 40 bash -c "
+stage sass 60 bash -c "
   '$PY' -m benchmarks.sass_report --out-dir '$OUT' &&
   if [ $HAVE_PYTEST = 1 ]; then '$PY' -m pytest -q -p no:cacheprovider tests/test_sass.py; else echo 'pytest missing'; exit 3; fi
 "
