@@ -44,10 +44,11 @@ SUMMARY="$OUT/summary.txt"
 
 # The GPU benchmarks, in order of priority: "LIMIT_S SCRIPT [ARGS...]", one line each (add yours here).
 GPU_BENCHMARKS=(
-  "110 bench_fake_quant --quick --compile-budget 40"
-  "70 bench_qat_memory --quick --batch 32 --autocast bf16 --channels-last"
-  "50 bench_conv_int8 --quick"
-  "50 bench_qat --quick --skip-training"
+  "100 bench_fake_quant --quick --compile-budget 40"
+  "60 bench_qat_memory --quick --batch 32 --autocast bf16 --channels-last"
+  "60 bench_conv_int8_gpu --quick"
+  "40 bench_conv_int8 --quick"
+  "40 bench_qat --quick --skip-training"
 )
 
 # --- a private copy of the sources, and every cache under OUTDIR/work -----------------------------------
@@ -158,7 +159,7 @@ stage sass 60 bash -c "
 
 # --- 4. the CUDA tests (every test that needs a GPU, see tests/conftest.py) ---------------------------
 if [ "$HAVE_PYTEST" = 1 ]; then
-  stage tests 75 "$PY" -m pytest -q -p no:cacheprovider tests -m cuda --junitxml="$OUT/junit.xml"
+  stage tests 90 "$PY" -m pytest -q -p no:cacheprovider tests -m cuda --junitxml="$OUT/junit.xml"
 else
   missing tests "pytest is not installed for $PY"
 fi

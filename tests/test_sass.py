@@ -24,6 +24,15 @@ REQUIRED = [
      "block reductions (and the mask words) go through warp shuffles"),
     (r"^channel_(abs_max|small)_kernel<", r"^(RED|ATOM)", "one atomic max per block and channel row/column"),
 ]
+# the int8 tensor-core implicit GEMM (csrc/cuda/mma) and the tiled depthwise kernel (conv_int8.cu)
+REQUIRED += [
+    (r"^igemm_s8_kernel<.*mma::Hw>$", r"^IMMA\.16832\.S8\.S8", "int8 conv/linear multiply on the tensor cores"),
+    (r"^igemm_s8_kernel<.*mma::Hw>$", r"^LDGSTS", "the int8 GEMM pipeline copies global to shared with cp.async"),
+    (r"^igemm_s8_kernel<.*mma::Hw>$", r"^LDSM", "the int8 GEMM reads its fragments with ldmatrix"),
+    (r"^igemm_s8_kernel<.*mma::Twin>$", r"^SHFL", "the twins exchange fragments with warp shuffles"),
+    (r"^igemm_s8_kernel<", r"^(RED|ATOM)", "split-K CTAs add their partial sums with atomics"),
+    (r"^depthwise_tile_kernel<16>$", r"^LDG\.E\.128", "the depthwise input tile is read in 16-byte loads"),
+]
 
 
 @pytest.fixture(scope="module")
