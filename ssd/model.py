@@ -21,6 +21,9 @@ MOBILENET_BLOCKS = (
 # (1x1 reduction width, 3x3 stride-2 output width) of the four extra blocks: 5x5, 3x3, 2x2, 1x1 maps.
 EXTRA_BLOCKS = ((256, 512), (128, 256), (128, 256), (64, 128))
 FEATURE_CHANNELS = (512, 1024, 512, 256, 256, 128)
+# The reference trains the weights of every conv of the body and the extra blocks (its conv_bn helper) at
+# 0.1x the learning rate; batch-norm parameters and the heads (weights and biases) train at 1x.
+BODY_CONV_LR_MULTIPLIER = 0.1
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -46,6 +49,19 @@ def extra_block(in_channels: int, mid_channels: int, out_channels: int) -> nn.Se
         conv_bn_relu(in_channels, mid_channels, 1),
         conv_bn_relu(mid_channels, out_channels, 3, stride=2),
     )
+
+
+def check_images(images: torch.Tensor) -> None:
+    """A clear error for anything but a batch of 3-channel images."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"MobileNetSSD expects images [N, 3, H, W], got {shape}")
+
+
+# torch.fx records the check as one call instead of tracing into it (a Python `if` on a traced tensor
+# cannot be traced), so the QAT transpiler sees the model's whole graph and the check stays in the
+# GraphModules it builds.
+torch.fx.wrap("check_images")
 
 
 class MobileNetSSD(nn.Module):
@@ -96,6 +112,16 @@ class MobileNetSSD(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    def lr_multipliers(self, body: float = BODY_CONV_LR_MULTIPLIER) -> dict[str, float]:
+        """Learning-rate multiplier of every named parameter: ``body`` for the conv weights of the body and
+        the extra blocks, 1 for the rest (also after QAT transpiling: the quantized convs subclass
+        nn.Conv2d and keep their names)."""
+        body_conv_weights = {f"{name}.weight" for part in ("body_19", "body_10", "extras")
+                             for name, module in getattr(self, part).named_modules(prefix=part)
+                             if isinstance(module, nn.Conv2d)}
+        return {name: body if name in body_conv_weights else 1.0
+                for name, _ in self.named_parameters()}
+
     def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The six maps the heads read: 19x19x512, 10x10x1024, 5x5x512, 3x3x256, 2x2x256, 1x1x128."""
         x = self.body_19(images)
@@ -108,8 +134,7 @@ class MobileNetSSD(nn.Module):
         return maps
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images [N, 3, H, W], got {tuple(images.shape)}")
+        check_images(images)
         batch = images.shape[0]
         locs, confs = [], []
         for feature, loc_head, conf_head in zip(self.feature_maps(images), self.loc_heads, self.conf_heads):

@@ -6,7 +6,17 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = REPO_ROOT.parent / "shared"
+
+
+def _shared_dir(repo: Path) -> Path:
+    """``../shared`` beside the checkout, or beside a folder above it (a worktree under wt/)."""
+    for parent in repo.parents:
+        if (parent / "shared").is_dir():
+            return parent / "shared"
+    return repo.parent / "shared"
+
+
+SHARED_DIR = _shared_dir(REPO_ROOT)
 
 # `python -m pytest` already puts the working directory on sys.path; this makes a bare `pytest` run
 # from anywhere import the in-place build too.

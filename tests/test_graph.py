@@ -477,7 +477,8 @@ def test_mobilenet_ssd_with_example_inputs_shares_head_inputs_and_chains_them():
     x = torch.randn(2, 3, 64, 64)
     t = QuantizeTranspiler(activation_quantize_type="range_abs_max", fold_bn=True)
     net = calibrate(t.training_transpile(MobileNetSSD(num_classes=21).eval(), example_inputs=x), x)
-    assert t.summary.graph == qg.EXPORT and len(t.summary.folded) == 35
+    # torch.fx traces it (ssd.model wraps its input check), so the example inputs serve the int8 chaining only
+    assert t.summary.graph == qg.FX and len(t.summary.folded) == 35
     # each feature map is read by the next block (except the last) and its two heads: one quantizer
     assert len(t.summary.shared_inputs) == 6
     assert t.summary.shared_inputs[0] == ("body_10.0.0.0", "loc_heads.0", "conf_heads.0")

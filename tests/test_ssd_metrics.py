@@ -1,13 +1,13 @@
 """DetectionMAP (ssd.metrics): a published case, hand-built cases and real VOC detections."""
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import SHARED_DIR
 from ssd.metrics import DetectionMAP, average_precision
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = SHARED_DIR / "data"
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
 

@@ -159,3 +159,67 @@ def test_msra_init_bounds():
 def test_rejects_wrong_input():
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
         MobileNetSSD()(torch.randn(3, 300, 300))
+
+
+def test_rejects_wrong_input_also_when_traced():
+    """The check is one torch.fx call (not traced through), so a GraphModule of the model keeps it."""
+    traced = torch.fx.symbolic_trace(MobileNetSSD(num_classes=3))
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\], got \(2, 1, 64, 64\)"):
+        traced(torch.randn(2, 1, 64, 64))
+
+
+# ---------------------------------------------------------------- the QAT transpiler's view of the model
+
+def test_transpiler_traces_the_whole_model_without_a_warning():
+    """torch.fx traces MobileNetSSD (no nn.Sequential fallback, no GraphTraceWarning): every BN folds into its
+    conv, each feature map's three readers share one input quantizer, and the int8 model chains every body and
+    extra conv (the feature maps included) without example inputs, as a traced forward would."""
+    import copy
+    import warnings
+
+    from qkernels import GraphTraceWarning, QuantizeTranspiler
+    from qkernels.graph import FX
+    from qkernels.nn.int8_layers import Int8Conv2d
+
+    torch.manual_seed(0)
+    net = MobileNetSSD(num_classes=3)
+    bn_after = {f"{name}.0": f"{name}.1" for name, m in net.named_modules()
+                if isinstance(m, nn.Sequential) and isinstance(getattr(m, "1", None), nn.BatchNorm2d)}
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    t = QuantizeTranspiler(activation_quantize_type="range_abs_max", fold_bn=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GraphTraceWarning)
+        qat = t.training_transpile(net)
+        s = t.summary
+        assert (s.graph, s.trace_failure) == (FX, None) and qat is net
+        assert dict(s.folded) == bn_after and len(bn_after) == 35
+        assert len(s.shared_inputs) == 6
+        assert s.shared_inputs[0] == ("body_10.0.0.0", "loc_heads.0", "conf_heads.0")
+        assert s.shared_inputs[-1] == ("loc_heads.5", "conf_heads.5")
+        with torch.no_grad():  # calibrate the static scales (batch norms keep their initial statistics)
+            qat.train()(x)
+        qat.eval()
+        int8 = t.convert_to_int8(copy.deepcopy(qat))
+        s = t.summary
+    assert s.graph == FX and isinstance(int8, MobileNetSSD)  # module swaps only: the app's methods stay
+    assert len(s.fused) == 35 and s.float_ops == {"batch norms": 0, "activations": 0}
+    assert sorted(name for name, _ in s.chained) == sorted(bn_after)
+    assert sorted(name for name, _ in s.not_chained) == sorted(f"{k}_heads.{i}" for k in ("loc", "conf")
+                                                               for i in range(6))
+    # The traced-forward chaining (example inputs) finds nothing more: the graph already showed every reader.
+    traced = t.convert_to_int8(copy.deepcopy(qat), example_inputs=(x,))
+    assert sorted(t.summary.chained) == sorted(s.chained)
+    convs = [m for m in int8.modules() if isinstance(m, Int8Conv2d)]
+    reads_codes = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: reads_codes.append(args[0].dtype == torch.int8))
+             for m in convs]
+    with torch.inference_mode():
+        got = int8(x)
+        want = traced(x)
+    for h in hooks:
+        h.remove()
+    assert sum(reads_codes) == len(convs) - 1 == 46  # every conv but the stem reads int8 codes
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
+        int8(torch.randn(3, 64, 64))

@@ -13,11 +13,11 @@ from xml.sax.saxutils import escape
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .transforms import IMAGE_SIZE
 from .voc import BACKGROUND, LABEL_LIST_FILE
 
 YEAR = "synthetic"                 # image sets are "synthetic_trainval" and "synthetic_test"
 TRAIN_SET, TEST_SET = f"{YEAR}_trainval", f"{YEAR}_test"
-IMAGE_SIZE = 300
 DIFFICULT_SIZE = 36
 
 # class name -> RGB colour; shapes and colours both differ between classes
