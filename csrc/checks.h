@@ -2,6 +2,7 @@
 // and what came.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 namespace qkernels {
@@ -41,17 +42,49 @@ inline int64_t wrap_axis(int64_t axis, const at::Tensor& x) {
   return axis < 0 ? axis + dim : axis;
 }
 
-// x (contiguous) viewed as [outer, channels, inner] around `axis`, for per-channel scales.
+// The tensor the kernels walk: x itself when its elements fill one block of memory (any strides: a
+// channels_last activation, a transposed weight), else a contiguous copy. Kernels run over its memory
+// in storage order and write outputs made with empty_like, which keeps those strides.
+inline at::Tensor dense_input(const at::Tensor& x) { return x.is_non_overlapping_and_dense() ? x : x.contiguous(); }
+
+// t (same shape as the dense tensor `like`) with like's strides, so both are walked in the same order.
+inline at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {
+  return t.strides() == like.strides() ? t : at::empty_like(like).copy_(t);
+}
+
+// The memory of a dense tensor viewed as [outer, channels, inner] around `axis`: the element at memory
+// position p belongs to channel (p / inner) % channels. For a dense tensor, inner is the axis's stride
+// (the dims laid out faster than the axis fill exactly that much memory).
 struct ChannelLayout {
   int64_t outer = 1, channels = 1, inner = 1;
 };
 
-inline ChannelLayout channel_layout(const at::Tensor& x, int64_t axis) {
+inline ChannelLayout memory_channel_layout(const at::Tensor& xd, int64_t axis) {
   ChannelLayout l;
-  l.channels = x.size(axis);
-  for (int64_t d = 0; d < axis; ++d) l.outer *= x.size(d);
-  for (int64_t d = axis + 1; d < x.dim(); ++d) l.inner *= x.size(d);
+  const int64_t n = xd.numel();
+  l.channels = xd.size(axis);
+  if (n == 0) {
+    l.outer = 0;
+  } else if (l.channels == 1) {
+    l.inner = n;
+  } else {
+    l.inner = xd.stride(axis);
+    l.outer = n / (l.channels * l.inner);
+  }
   return l;
+}
+
+// The clip-STE mask: bit p % 32 of 32-bit word p / 32 says whether the element at memory position p
+// passes the gradient (|x| <= s), in the order dense_input(x) holds the elements.
+inline int64_t mask_words(int64_t n) { return (n + 31) / 32; }
+
+inline void check_mask_grad_args(const at::Tensor& grad, const at::Tensor& mask) {
+  check_float_input(grad, "grad");
+  TORCH_CHECK(mask.scalar_type() == at::kInt, "qkernels: mask must be int32 (32 elements per word), got ",
+              mask.scalar_type());
+  TORCH_CHECK(mask.dim() == 1 && mask.numel() == mask_words(grad.numel()), "qkernels: mask must hold ",
+              mask_words(grad.numel()), " words for a grad of ", grad.numel(), " elements, got shape ", mask.sizes());
+  check_same_device(mask, grad, "mask");
 }
 
 inline void check_clip_grad_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale) {

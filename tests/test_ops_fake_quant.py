@@ -321,6 +321,7 @@ CHANNEL_CASES = [
     ((3, 0), 0),
     ((3, 0), 1),
     ((64, 40, 3, 3), 0),
+    ((33_000, 4), 1),  # short rows over several threads (CPU) / the multi-launch path (CUDA)
 ]
 
 
@@ -552,6 +553,196 @@ def test_clip_ste_with_abs_max_scales_zeroes_only_non_finite(device, op):
     assert torch.equal(got, torch.where(torch.isfinite(x), upstream, torch.zeros_like(upstream)))
 
 
+# --- layouts: dense inputs are read in place and outputs keep their strides ----------------------------
+
+def layout_views(dtype, device):
+    base = rand((4, 6, 5, 7), dtype, seed=30).to(device)
+    return {
+        "channels_last": base.contiguous(memory_format=torch.channels_last),
+        "transposed_weight": rand((24, 40), dtype, seed=31).to(device).t(),
+        "permuted": base.permute(2, 0, 3, 1),
+        "offset": rand((1001,), dtype, seed=32).to(device)[3:],
+    }
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("view", ["channels_last", "transposed_weight", "permuted", "offset"])
+def test_dense_inputs_keep_their_strides(device, dtype, view):
+    x = layout_views(dtype, device)[view]
+    xc = x.contiguous()
+    scale = torch.tensor(2.0, device=device)
+    outs = {
+        "fake_quant_abs_max": (qkernels.fake_quant_abs_max(x, 8)[0], qkernels.fake_quant_abs_max(xc, 8)[0]),
+        "quantize_abs_max": (qkernels.quantize_abs_max(x, 8)[0], qkernels.quantize_abs_max(xc, 8)[0]),
+        "fake_quant_with_scale": (qkernels.fake_quant_with_scale(x, scale, 8, ste="clip"),
+                                  qkernels.fake_quant_with_scale(xc, scale, 8)),
+        "quantize_with_scale": (qkernels.quantize_with_scale(x, scale, 12), qkernels.quantize_with_scale(xc, scale, 12)),
+    }
+    for axis in range(x.dim()):
+        outs["channel-wise axis %d" % axis] = (qkernels.fake_channel_wise_quant_abs_max(x, 8, axis)[0],
+                                               qkernels.fake_channel_wise_quant_abs_max(xc, 8, axis)[0])
+        outs["channel-wise codes axis %d" % axis] = (qkernels.quantize_channel_wise_abs_max(x, 6, axis)[0],
+                                                     qkernels.quantize_channel_wise_abs_max(xc, 6, axis)[0])
+    for what, (got, want) in outs.items():
+        assert got.stride() == x.stride(), "%s: strides %s, input %s" % (what, got.stride(), x.stride())
+        assert torch.equal(got, want), what  # same values as from a contiguous copy
+
+
+def test_non_dense_inputs_give_contiguous_outputs(device):
+    x = rand((6, 8, 5), seed=33).to(device)[:, ::2]
+    assert qkernels.fake_quant_abs_max(x, 8)[0].is_contiguous()
+    assert qkernels.fake_channel_wise_quant_abs_max(x, 8, 1)[0].is_contiguous()
+
+
+# --- the clip-STE mask ----------------------------------------------------------------------------
+
+def mask_bits(mask, n):
+    """The mask's bits as a bool tensor of n elements (bit p % 32 of word p // 32)."""
+    words = mask.cpu().to(torch.int64) & 0xFFFFFFFF
+    bits = (words.unsqueeze(1) >> torch.arange(32)) & 1
+    return bits.reshape(-1)[:n].bool()
+
+
+def memory_order(t):
+    """t's elements in the order its memory holds them (t dense)."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset()) if t.numel() else t.reshape(-1)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("n", [0, 1, 31, 32, 33, 100_003])
+def test_mask_holds_one_bit_per_element_in_memory_order(device, dtype, n):
+    x = (with_non_finite(rand((n,), dtype, seed=34)) if n else torch.zeros(0, dtype=dtype)).to(device)
+    scale = torch.tensor(1.5, device=device)
+    out, mask = ops.fake_quant_with_scale(x, scale, 8, True)
+    assert mask.dtype == torch.int32 and mask.shape == ((n + 31) // 32,) and mask.device == x.device
+    keep = x.cpu().float().abs() <= 1.5  # False for NaN and +-Inf
+    assert torch.equal(mask_bits(mask, n), keep)
+    if n:
+        assert (mask_bits(mask, ((n + 31) // 32) * 32)[n:] == 0).all()  # bits past the end are zero
+    out2, s, mask2 = ops.fake_quant_abs_max(x, 8, True)
+    assert torch.equal(mask_bits(mask2, n), torch.isfinite(x.cpu()))  # s = max|x|: only non-finite are clipped
+    assert ops.fake_quant_with_scale(x, scale, 8, False)[1].numel() == 0  # no mask without clip_grad
+    assert ops.fake_quant_abs_max(x, 8, False)[2].numel() == 0
+    for view in layout_views(dtype, device).values():
+        _, m = ops.fake_quant_with_scale(view, scale, 8, True)
+        assert torch.equal(mask_bits(m, view.numel()), memory_order(view).cpu().float().abs() <= 1.5)
+
+
+def clip_grad_today(x, scale, grad):
+    """The gradient as computed before the mask existed: fake_quant_clip_grad reads x and the scale."""
+    return ops.fake_quant_clip_grad(grad.contiguous(), x, scale.reshape(()))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("op", ["abs_max", "with_scale"])
+def test_mask_gradient_equals_the_saved_input_gradient(device, dtype, op):
+    scale = torch.tensor(0.9, device=device)
+    inputs = [with_non_finite(rand((n,), dtype, seed=35 + n, scale=1.0)).to(device) for n in (1, 37, 100_003)]
+    inputs += list(layout_views(dtype, device).values()) + [rand((6, 8, 5), dtype, seed=36).to(device)[:, ::2],
+                                                             rand((), dtype, seed=37).to(device)]
+    for x in inputs:
+        upstream = rand(x.shape, dtype, seed=38).to(device)  # contiguous: often not x's layout
+        if op == "abs_max":
+            fn = lambda t, ste: qkernels.fake_quant_abs_max(t, 8, ste=ste)[0]  # noqa: E731
+            s = qkernels.abs_max(x)
+        else:
+            fn = lambda t, ste: qkernels.fake_quant_with_scale(t, scale, 8, ste=ste)  # noqa: E731
+            s = scale
+        got = grad_of(fn, x, "clip", upstream)
+        assert torch.equal(got, clip_grad_today(x, s, upstream))
+        keep = x.float().abs() <= s.float()
+        assert torch.equal(got, torch.where(keep, upstream, torch.zeros_like(upstream)))
+        # an expanded gradient (from .sum()) and a transposed one go through the same mask
+        xg = x.detach().requires_grad_(True)
+        fn(xg, "clip").sum().backward()
+        assert torch.equal(xg.grad, keep.to(dtype))
+
+
+def test_clip_ste_saves_only_the_mask(device):
+    # The point of the mask: backward keeps 1 bit per element instead of the input (and the scale).
+    x = rand((8, 16, 9, 9), seed=39).to(device).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    y = torch.relu(x) * 1.0  # an intermediate activation, freed unless something saves it
+    for call in (lambda t: qkernels.fake_quant_with_scale(t, torch.tensor(0.5, device=device), 8, ste="clip"),
+                 lambda t: qkernels.fake_quant_abs_max(t, 8, ste="clip")[0]):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            call(y)
+        assert [(t.dtype, t.numel()) for t in saved] == [(torch.int32, (y.numel() + 31) // 32)]
+
+
+def test_mask_grad_rejects_a_mismatched_mask(device):
+    g = torch.ones(70, device=device)
+    with pytest.raises(RuntimeError, match="mask must hold 3 words for a grad of 70 elements"):
+        ops.fake_quant_mask_grad(g, torch.zeros(2, dtype=torch.int32, device=device))
+    with pytest.raises(RuntimeError, match="mask must be int32"):
+        ops.fake_quant_mask_grad(g, torch.zeros(3, dtype=torch.int64, device=device))
+
+
+def test_clip_ste_under_torch_compile_matches_eager(device):
+    # aot_eager traces forward and backward through the fake kernels (strides, the mask) without inductor's
+    # code generation.
+    def step(x, scale):
+        out, _ = qkernels.fake_quant_abs_max(x, 6, ste="clip")
+        return qkernels.fake_quant_with_scale(out * 3.0, scale, 4, ste="clip")
+
+    x = rand((4, 8, 5, 5), seed=40).to(device).contiguous(memory_format=torch.channels_last)
+    scale, g = torch.tensor(2.0, device=device), rand((4, 8, 5, 5), seed=41).to(device)
+    results = []
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+        xg = x.clone().requires_grad_(True)
+        out = fn(xg, scale)
+        out.backward(g)
+        results.append((out, xg.grad))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+    assert results[1][0].stride() == x.stride()
+
+
+# --- recompute_fake_quant_outputs ------------------------------------------------------------------
+
+def quant_conv_step(x, w, scale, ste, rounds=2):
+    """relu -> fake quant (given scale) -> conv with a fake-quantized weight, twice: the convs save their
+    fake-quantized inputs and weights for backward."""
+    for _ in range(rounds):
+        a = qkernels.fake_quant_with_scale(torch.relu(x), scale, 8, ste=ste)
+        wq = qkernels.fake_quant_abs_max(w, 6, ste=ste)[0]
+        x = torch.nn.functional.conv2d(a, wq, padding=1)
+        wc = qkernels.fake_channel_wise_quant_abs_max(w, 8, 0, ste=ste)[0]
+        x = torch.nn.functional.conv2d(x, wc, padding=1)
+    return x.square().sum()
+
+
+@pytest.mark.parametrize("ste", ["identity", "clip"])
+def test_recomputed_fake_quant_outputs_give_the_same_gradients(device, ste, monkeypatch):
+    from qkernels.ops import fake_quant as fq
+
+    x = rand((2, 4, 9, 9), seed=42).to(device).contiguous(memory_format=torch.channels_last)
+    w = rand((4, 4, 3, 3), seed=43).to(device)
+    scale = torch.tensor(1.5, device=device)
+    grads, calls, original = [], [], fq._Recipe.recompute
+    monkeypatch.setattr(fq._Recipe, "recompute", lambda self: calls.append(1) or original(self))
+    for recompute in (False, True):
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        calls.clear()
+        with qkernels.recompute_fake_quant_outputs() if recompute else torch.enable_grad():
+            loss = quant_conv_step(xg, wg, scale, ste)
+        loss.backward()
+        grads.append((loss.detach(), xg.grad, wg.grad))
+        assert len(calls) == (6 if recompute else 0)  # 3 saved conv inputs per round, each recomputed once
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+def test_recompute_refuses_an_input_modified_in_place(device):
+    x = rand((1, 2, 5, 5), seed=44).to(device).requires_grad_(True)
+    w = rand((2, 2, 3, 3), seed=45).to(device).requires_grad_(True)
+    with qkernels.recompute_fake_quant_outputs():
+        a = torch.relu(x) * 1.0  # not saved by anything but the recipe
+        y = torch.nn.functional.conv2d(qkernels.fake_quant_with_scale(a, 1.0, 8), w)
+    with torch.no_grad():
+        a.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place after the forward pass"):
+        y.sum().backward()
+
+
 # --- quantizer state ------------------------------------------------------------------------------
 
 def batch_maxima_sequence():
@@ -638,6 +829,11 @@ def cuda_vs_cpu_cases():
         "channel_wise_axis0": lambda x: qkernels.fake_channel_wise_quant_abs_max(x, 8, 0),
         "channel_wise_axis1": lambda x: qkernels.fake_channel_wise_quant_abs_max(x, 6, 1),
         "channel_wise_last": lambda x: qkernels.quantize_channel_wise_abs_max(x, 8, -1),
+        "abs_max_mask": lambda x: ops.fake_quant_abs_max(x, 8, True),
+        "with_scale_mask": lambda x: ops.fake_quant_with_scale(x, torch.tensor(1.3, device=x.device), 5, True),
+        "mask_grad": lambda x: (ops.fake_quant_mask_grad(torch.ones_like(x), ops.fake_quant_with_scale(
+            x, torch.tensor(1.3, device=x.device), 8, True)[1]),),
+        "clip_grad": lambda x: (ops.fake_quant_clip_grad(torch.ones_like(x), x, torch.tensor(1.3, device=x.device)),),
     }
 
 
@@ -648,9 +844,11 @@ def test_cuda_matches_cpu_bit_for_bit(dtype, case):
     # quant_math.h is shared, so the two backends must agree exactly (NaN at the same places).
     fn = cuda_vs_cpu_cases()[case]
     for x in (with_non_finite(rand((64, 3, 3, 3), dtype, seed=20)), rand((257, 129), dtype, seed=21).t()[::2],
-              rand((3, 100_003), dtype, seed=22), torch.zeros(5, 4, dtype=dtype)):
+              rand((3, 100_003), dtype, seed=22), torch.zeros(5, 4, dtype=dtype),
+              rand((8, 24, 30, 30), dtype, seed=23).contiguous(memory_format=torch.channels_last),
+              rand((4097, 33), dtype, seed=24).t(), rand((70_001,), dtype, seed=25)[1:]):
         for got, want in zip(fn(x.cuda()), fn(x)):
-            assert got.device.type == "cuda"
+            assert got.device.type == "cuda" and got.stride() == want.stride()
             torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0, equal_nan=True)
 
 
@@ -699,7 +897,8 @@ def opcheck_samples(device):
     x = rand((5, 7), seed=24).to(device)
     xh = rand((3, 4), torch.float16, seed=25).to(device)
     s = torch.tensor(0.5, device=device)
-    grad = lambda t: t.clone().requires_grad_(True)  # noqa: E731
+    x4 = rand((2, 3, 4, 5), seed=29).to(device).contiguous(memory_format=torch.channels_last)
+    grad = lambda t: t.clone().requires_grad_(True)  # noqa: E731  (clone keeps a dense layout)
     return [
         (ops.abs_max.default, (x,)),
         (ops.abs_max.default, (xh,)),
@@ -714,6 +913,15 @@ def opcheck_samples(device):
         (ops.fake_channel_wise_quant_abs_max.default, (grad(x), 8, -1, False)),
         (ops.quantize_channel_wise_abs_max.default, (x, 10, 1)),
         (ops.fake_quant_clip_grad.default, (rand((5, 7), seed=27).to(device), x, s)),
+        (ops.fake_quant_clip_grad.default, (rand((7, 5), seed=27).to(device), x.t(), s)),
+        (ops.fake_quant_with_scale.default, (grad(x4), s, 8, True)),
+        (ops.fake_quant_abs_max.default, (grad(x4), 8, True)),
+        (ops.quantize_abs_max.default, (x4, 8)),
+        (ops.fake_channel_wise_quant_abs_max.default, (grad(x4), 8, 1, True)),
+        (ops.quantize_channel_wise_abs_max.default, (x4, 8, 1)),
+        (ops.fake_channel_wise_quant_abs_max.default, (grad(x[:, ::2]), 8, 1, False)),
+        (ops.fake_quant_mask_grad.default, (rand((5, 7), seed=28).to(device), ops.fake_quant_with_scale(x, s, 8, True)[1])),
+        (ops.fake_quant_mask_grad.default, (x4, ops.fake_quant_with_scale(x4, s, 8, True)[1])),
         (ops.range_abs_max_update_.default, (x, *new_range_state(4, device), 4)),
         (ops.moving_average_abs_max_update_.default,
          (x, torch.full((1,), 0.001, device=device), torch.ones(1, device=device), torch.ones(1, device=device), 0.9)),

@@ -11,10 +11,18 @@ pytestmark = pytest.mark.skipif(not qkernels.has_cuda_kernels(), reason="a CPU-o
 
 # (kernel name pattern, opcode pattern, why the design needs it). Every kernel matching the name must hold
 # at least one instruction matching the opcode. Kernels are named as sass_report.short_name prints them.
+FAKE_QUANT_KERNELS = (r"^(abs_max_partial|abs_max_quantize_small|quantize|clip_grad|mask_grad|channel_abs_max|"
+                      r"channel_quantize|channel_small|range_abs_max_update|moving_average_update)_kernel<")
+# kernels whose output has the input's dtype (fake quant, gradients): float or 16-bit storage, not codes
+FAKE_QUANT_OUTPUTS = (r"^((abs_max_quantize_small|quantize|channel_quantize|channel_small)_kernel<[^,]+, "
+                      r"(float|unsigned short), false|(clip_grad|mask_grad)_kernel<)")
 REQUIRED = [
     (r"^conv_gemm_kernel$", r"^IDP\.4A", "the int8 implicit GEMM accumulates with dp4a"),
-    (r"^(abs_max|channel_abs_max)_kernel<", r"^SHFL", "block reductions go through warp shuffles"),
-    (r"^(abs_max|channel_abs_max)_kernel<", r"^(RED|ATOM)", "one atomic max per block publishes the scale"),
+    (FAKE_QUANT_KERNELS, r"^LDG\..*128", "the fake-quant kernels read 16-byte slots"),
+    (FAKE_QUANT_OUTPUTS, r"^STG\..*128", "fake-quant outputs and gradients are written as 16-byte slots"),
+    (r"^(abs_max_partial|abs_max_finish|abs_max_quantize_small|quantize)_kernel(<|$)", r"^SHFL",
+     "block reductions (and the mask words) go through warp shuffles"),
+    (r"^channel_(abs_max|small)_kernel<", r"^(RED|ATOM)", "one atomic max per block and channel row/column"),
 ]
 # the int8 tensor-core implicit GEMM (csrc/cuda/mma) and the tiled depthwise kernel (conv_int8.cu)
 REQUIRED += [

@@ -9,6 +9,7 @@ from .fake_quant import (  # noqa: F401
     quantize_channel_wise_abs_max,
     quantize_with_scale,
     range_abs_max_update_,
+    recompute_fake_quant_outputs,
 )
 from .int8 import conv2d_int8, conv2d_int8_packed, linear_int8, pack_conv2d_int8_weight  # noqa: F401
 
@@ -26,4 +27,5 @@ __all__ = [
     "quantize_channel_wise_abs_max",
     "quantize_with_scale",
     "range_abs_max_update_",
+    "recompute_fake_quant_outputs",
 ]

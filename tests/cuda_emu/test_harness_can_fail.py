@@ -1,6 +1,7 @@
 """The parity harness must be able to fail: a copy of the fake-quant kernels with one barrier removed
-(the one between the warps' partial maxima and the final warp's read of them) is built as its own twin
-library, and under some thread order it must disagree with the CPU kernel, while the intact build agrees."""
+(in block_reduce.cuh's block_max, the one between the warps' partial maxima and every thread's read of
+them; the copy inlines that header) is built as its own twin library, and under some thread order it
+must disagree with the CPU kernel, while the intact build agrees."""
 import re
 
 import pytest
@@ -9,17 +10,21 @@ import torch
 from . import emu_build
 from .conftest import apply_setting
 
-FUNCTION = "block_max_to"
+HEADER = "block_reduce.cuh"
+FUNCTION = "block_max"
 
 
 def remove_first_barrier(path, text):
-    """Delete the first __syncthreads() of FUNCTION's body."""
-    m = re.search(r"\b%s\s*\([^)]*\)\s*\{" % FUNCTION, text)
-    assert m, "%s: no function %s to break (update this test with the kernel)" % (path.name, FUNCTION)
-    body = m.end()
-    barrier = text.find("__syncthreads();", body)
-    assert barrier > 0, "%s: no __syncthreads() in %s to remove" % (path.name, FUNCTION)
-    return text[:barrier] + "/* barrier removed */" + text[barrier + len("__syncthreads();"):]
+    """Inline HEADER into the source with the first __syncthreads() of FUNCTION's body deleted."""
+    header = (emu_build.CSRC / "cuda" / HEADER).read_text().replace("#pragma once", "")
+    m = re.search(r"\b%s\s*\([^)]*\)\s*\{" % FUNCTION, header)
+    assert m, "%s: no function %s to break (update this test with the kernel)" % (HEADER, FUNCTION)
+    barrier = header.find("__syncthreads();", m.end())
+    assert barrier > 0, "%s: no __syncthreads() in %s to remove" % (HEADER, FUNCTION)
+    broken = header[:barrier] + "/* barrier removed */" + header[barrier + len("__syncthreads();"):]
+    include = '#include "%s"' % HEADER
+    assert include in text, "%s does not include %s (update this test with the kernel)" % (path.name, HEADER)
+    return text.replace(include, broken)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +39,10 @@ def test_a_removed_barrier_is_caught(emu, broken, monkeypatch):
                          ("random", True)):
         apply_setting(monkeypatch, order, seed=5, fresh_blocks=fresh)
         for i in range(3):
-            # one block of 256 threads; the maximum lies in warp 6, whose partial the last warp must wait for
-            x = torch.randn(256, generator=torch.Generator().manual_seed(i))
-            x[200] = 100.0 + i
+            # one block of 256 threads, each reading slots t, t + 256, ... of 4 floats: the maximum lies in
+            # slot 200, read by warp 6, whose partial the other warps must wait for
+            x = torch.randn(4096, generator=torch.Generator().manual_seed(i))
+            x[4 * 200] = 100.0 + i
             want = torch.ops.qkernels.abs_max(x)
             intact_ok &= torch.equal(emu.abs_max(x), want)
             if not torch.equal(broken.abs_max(x), want):
