@@ -135,10 +135,21 @@ def abs_max(x):
     return _finite_abs_max(xf)
 
 
+def _grad_mask(x, clip_grad: bool):
+    """The op's third output, the clip-STE gradient mask (1 bit per element, int32 words): backward only, so
+    zeros of the op's shape (empty without clip_grad)."""
+    words = 0
+    if clip_grad:
+        if x.shape is None or not all(isinstance(d, int) for d in x.shape):
+            raise ValueError("qkernels: ONNX export of a clip-STE fake quant needs static input shapes")
+        words = (int(np.prod([int(d) for d in x.shape])) + 31) // 32
+    return _const(np.zeros(words), np.int32)
+
+
 def fake_quant_abs_max(x, bits: int = 8, clip_grad: bool = False):
     xf, back = _as_float(x)
     codes, step, scale = _codes_abs_max(xf, bits)
-    return back(_op().DequantizeLinear(codes, step, _zero_point())), scale
+    return back(_op().DequantizeLinear(codes, step, _zero_point())), scale, _grad_mask(x, clip_grad)
 
 
 def quantize_abs_max(x, bits: int = 8):
@@ -150,7 +161,7 @@ def quantize_abs_max(x, bits: int = 8):
 def fake_quant_with_scale(x, scale, bits: int = 8, clip_grad: bool = False):
     xf, back = _as_float(x)
     codes, step = _codes_with_scale(xf, scale, bits)
-    return back(_op().DequantizeLinear(codes, step, _zero_point()))
+    return back(_op().DequantizeLinear(codes, step, _zero_point())), _grad_mask(x, clip_grad)
 
 
 def quantize_with_scale(x, scale, bits: int = 8):
