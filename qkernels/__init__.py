@@ -6,3 +6,9 @@ from .ops import *  # noqa: F401,F403
 from . import nn  # noqa: F401  (quantizer modules and quantized layers)
 from .graph import TranspileSummary  # noqa: F401
 from .transpiler import GraphTraceWarning, QuantizeTranspiler  # noqa: F401
+from .calibration import calibrate  # noqa: F401  (post-training calibration; also QuantizeTranspiler.calibrate)
+from .export import export_onnx, onnxruntime_session, run_onnx  # noqa: F401  (onnx / onnxscript imported on use)
+from .nn.quantizers import FloatCheckpointWarning  # noqa: F401
+from .ops.onnx import onnx_translations  # noqa: F401
+from .parity import parity_report  # noqa: F401
+from .sensitivity import sensitivity  # noqa: F401

@@ -18,11 +18,20 @@ changes the model by module swaps, in place, so state_dict keys and the model's 
   ``self.relu`` a ResNet block calls twice, or a functional ``F.relu``), the graph changes: the pass then
   returns a torch.fx.GraphModule (see qkernels/graph/rewrite.py) instead of the model; use what it returns.
 
-After each pass ``summary`` (a TranspileSummary) says what was swapped, folded, fused, chained and shared,
-and what was not and why: ``print(t.summary)``.
+- ``calibrate(model, batches, method)``: post-training calibration of the static activation scales
+  (qkernels/calibration.py), so freeze_program / convert_to_int8 can follow without training.
+
+Which layers are quantized: exactly the types in ``layer_types`` (nn.Conv2d and nn.Linear by default:
+a subclass with its own forward is left float and reported, unless its class is listed), minus those
+``skip_pattern`` keeps float (module-path substrings, compiled regexes, layer classes, predicates
+``f(name, module)``, and ``"<first>"`` / ``"<last>"`` for the first / last quantizable layer in call order).
+
+After each pass ``summary`` (a TranspileSummary) says what was swapped, folded, fused, chained, shared and
+kept float, and what was not and why: ``print(t.summary)``.
 """
+import re
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -31,6 +40,7 @@ from . import graph as qg
 from .graph.module_graph import MODULE
 from .nn.bn_fold import FoldedBatchNorm2d, can_fold
 from .nn.frozen_layers import FrozenConv2d, FrozenLinear
+from .nn.int8_chain import install_chain_scope
 from .nn.quant_layers import QuantConv2d, QuantLinear
 from .nn.quantizers import ACTIVATION_QUANTIZE_TYPES, WEIGHT_QUANTIZE_TYPES, FakeQuantWeight, make_activation_quantizer
 from .ops.fake_quant import check_bits, check_ste
@@ -39,6 +49,8 @@ _TRANSPILED = (QuantConv2d, QuantLinear, FrozenConv2d, FrozenLinear)
 _FLOAT_LAYERS = (nn.Conv2d, nn.Linear)
 _FROZEN_LAYERS = (FrozenConv2d, FrozenLinear)
 _LIST_LIMIT = 12  # names listed in a warning
+FIRST_LAYER = "<first>"  # skip_pattern entries: the first / last quantizable layer in call order
+LAST_LAYER = "<last>"
 
 
 class GraphTraceWarning(UserWarning):
@@ -91,20 +103,65 @@ def _replace_modules(model: nn.Module, replacements: Dict[int, nn.Module]) -> No
     visit(model)
 
 
-def _float_layers(model: nn.Module) -> List[nn.Module]:
-    """The Conv2d / Linear modules to swap, each once; not those inside nn.MultiheadAttention, whose
-    forward reads its projection weights directly."""
+def _float_layers(model: nn.Module, layer_types: tuple) -> Tuple[List[nn.Module], List[Tuple[nn.Module, str]]]:
+    """(the Conv2d / Linear modules to swap, each once, [(module, why it stays float)] for the subclasses
+    not listed in ``layer_types``). Not those inside nn.MultiheadAttention, whose forward reads its
+    projection weights directly."""
     found: Dict[int, nn.Module] = {}
+    refused: Dict[int, Tuple[nn.Module, str]] = {}
 
     def visit(module: nn.Module):
         for child in module.children():
-            if isinstance(child, _FLOAT_LAYERS):
+            if type(child) in layer_types:
                 found.setdefault(id(child), child)
+            elif isinstance(child, _FLOAT_LAYERS):
+                base = nn.Conv2d if isinstance(child, nn.Conv2d) else nn.Linear
+                refused.setdefault(id(child), (child, "%s is a subclass of nn.%s (its own forward would be lost); "
+                                               "add it to layer_types to quantize it as a plain %s"
+                                               % (type(child).__name__, base.__name__, base.__name__)))
             elif not isinstance(child, nn.MultiheadAttention):
                 visit(child)
 
     visit(model)
-    return list(found.values())
+    return list(found.values()), list(refused.values())
+
+
+def _check_layer_types(layer_types) -> tuple:
+    types = tuple(layer_types)
+    bad = [t for t in types if not (isinstance(t, type) and issubclass(t, _FLOAT_LAYERS))]
+    if not types or bad:
+        raise TypeError("qkernels: layer_types must be classes derived from nn.Conv2d or nn.Linear, got %r" % (bad or types,))
+    return types
+
+
+def _check_skip_pattern(skip_pattern) -> list:
+    if skip_pattern is None:
+        return []
+    items = [skip_pattern] if isinstance(skip_pattern, (str, re.Pattern)) or callable(skip_pattern) else list(skip_pattern)
+    for item in items:
+        if not (isinstance(item, (str, re.Pattern, type)) or callable(item)):
+            raise TypeError("qkernels: skip_pattern entries must be module-path substrings, compiled regexes, layer "
+                            "classes or predicates f(name, module), got %r" % (item,))
+    return items
+
+
+def _skip_reason(items: list, name: str, module: nn.Module, position: Dict[int, str]) -> Optional[str]:
+    for item in items:
+        if isinstance(item, str) and item in (FIRST_LAYER, LAST_LAYER):
+            if position.get(id(module)) == item:
+                return "skip_pattern %s" % item
+        elif isinstance(item, str):
+            if item in name:
+                return "skip_pattern %r" % item
+        elif isinstance(item, re.Pattern):
+            if item.search(name):
+                return "skip_pattern re %r" % item.pattern
+        elif isinstance(item, type):
+            if isinstance(module, item):
+                return "skip_pattern type %s" % item.__name__
+        elif item(name, module):
+            return "skip_pattern predicate %s" % getattr(item, "__name__", type(item).__name__)
+    return None
 
 
 def _listing(names: List[str]) -> str:
@@ -133,11 +190,19 @@ class QuantizeTranspiler:
     - ``ste``: ``identity`` (the reference: gradients pass unchanged) or ``clip`` (zero where clipped).
     - ``weight_storage``: how convert_to_int8 layers save weights in ``state_dict``: ``int8`` or ``uint8``
       (code + 128, as the reference suggested); in memory they are int8 either way.
+    - ``skip_pattern``: layers kept float (see the module docstring): e.g. ``["heads"]``, ``"<first>"``,
+      ``re.compile("^extras[.][0-9]+[.]0$")``, ``nn.Linear`` or ``lambda name, m: m.groups > 1``.
+    - ``layer_types``: the exact classes quantized (default nn.Conv2d, nn.Linear; list a subclass to
+      quantize it, its own forward is then replaced by the plain conv / linear one).
+    - ``sync_statistics`` / ``process_group``: static scales under torch.distributed: MAX-reduce each batch
+      statistic over ``process_group`` (None: the default group), or not at all.
     """
 
     def __init__(self, weight_bits: int = 8, activation_bits: int = 8, activation_quantize_type: str = "abs_max",
                  weight_quantize_type: str = "abs_max", window_size: int = 10000, moving_rate: float = 0.9,
-                 fold_bn: bool = False, ste: str = "identity", weight_storage: str = "int8"):
+                 fold_bn: bool = False, ste: str = "identity", weight_storage: str = "int8", skip_pattern=None,
+                 layer_types: Iterable[type] = (nn.Conv2d, nn.Linear), sync_statistics: bool = True,
+                 process_group=None):
         self.weight_bits = check_bits(weight_bits, "weight_bits")
         self.activation_bits = check_bits(activation_bits, "activation_bits")
         if activation_quantize_type not in ACTIVATION_QUANTIZE_TYPES:
@@ -159,12 +224,43 @@ class QuantizeTranspiler:
         self.fold_bn = bool(fold_bn)
         self.ste = check_ste(ste)
         self.weight_storage = weight_storage
+        self.skip_pattern = _check_skip_pattern(skip_pattern)
+        self.layer_types = _check_layer_types(layer_types)
+        self.sync_statistics = bool(sync_statistics)
+        self.process_group = process_group
         self.summary: Optional[qg.TranspileSummary] = None  # what the last pass did
         self._example_inputs: Optional[tuple] = None
 
     def _input_quantizer(self):
-        return make_activation_quantizer(self.activation_quantize_type, self.activation_bits, self.window_size,
-                                         self.moving_rate, self.ste)
+        q = make_activation_quantizer(self.activation_quantize_type, self.activation_bits, self.window_size,
+                                      self.moving_rate, self.ste)
+        if not self.sync_statistics:
+            q.sync_statistics = False
+        if self.process_group is not None:
+            q.process_group = self.process_group
+        return q
+
+    def _layers_to_swap(self, model: nn.Module, graph, names: Dict[int, str], summary) -> List[nn.Module]:
+        """The layers training_transpile swaps; the others go into ``summary.skipped`` with the reason."""
+        layers, refused = _float_layers(model, self.layer_types)
+        for m, why in refused:
+            summary.skipped.append((names[id(m)], why))
+        if not self.skip_pattern:
+            return layers
+        in_order = [n.module for n in graph.nodes if n.kind == MODULE and any(n.module is m for m in layers)]
+        order = list({id(m): m for m in in_order + layers}.values())  # call order, then the never-called ones
+        position = {}
+        if order:
+            position[id(order[-1])] = LAST_LAYER
+            position[id(order[0])] = FIRST_LAYER
+        kept = []
+        for m in layers:
+            why = _skip_reason(self.skip_pattern, names[id(m)], m, position)
+            if why is None:
+                kept.append(m)
+            else:
+                summary.skipped.append((names[id(m)], why))
+        return kept
 
     def _weight_quantizer(self):
         return FakeQuantWeight(self.weight_bits, self.weight_quantize_type, axis=0, ste=self.ste)
@@ -188,19 +284,25 @@ class QuantizeTranspiler:
         graph = qg.trace(model, inputs)
         names = _names(model)
         summary = qg.TranspileSummary("training_transpile", type(model).__name__, graph.source, graph.failure)
-        layers = _float_layers(model)
+        layers = self._layers_to_swap(model, graph, names, summary)
+        swapped_ids = {id(m) for m in layers}
 
         folds: Dict[int, nn.BatchNorm2d] = {}
         if self.fold_bn:
-            for m in layers:
+            after_float: Dict[int, str] = {}  # batch norms after a conv kept float
+            for m in [m for m, _ in _float_layers(model, (nn.Conv2d,))[1]] + _float_layers(model, _FLOAT_LAYERS)[0]:
                 node = graph.single_call(m) if isinstance(m, nn.Conv2d) else None
                 chain = qg.layer_chain(graph, node, can_fold, with_activation=False) if node is not None else None
                 if chain is not None and chain.bn is not None:
-                    folds[id(m)] = chain.bn.module
+                    if id(m) in swapped_ids:
+                        folds[id(m)] = chain.bn.module
+                    else:
+                        after_float[id(chain.bn.module)] = "after %s, which is kept float" % names[id(m)]
             folded_ids = {id(bn) for bn in folds.values()}
             for m in model.modules():
                 if type(m) is nn.BatchNorm2d and id(m) not in folded_ids:
-                    summary.not_folded.append((names[id(m)], qg.why_not_folded(graph, m, nn.Conv2d, can_fold)))
+                    why = after_float.get(id(m)) or qg.why_not_folded(graph, m, nn.Conv2d, can_fold)
+                    summary.not_folded.append((names[id(m)], why))
 
         replacements: Dict[int, nn.Module] = {}
         for m in layers:
@@ -217,6 +319,9 @@ class QuantizeTranspiler:
             summary.swapped.append((names[id(m)], type(m).__name__, type(new).__name__))
 
         for group in qg.shared_input_groups(graph, _FLOAT_LAYERS):
+            group = [node for node in group if id(node.module) in swapped_ids]
+            if len(group) < 2:
+                continue
             owner = replacements[id(group[0].module)]
             for node in group[1:]:
                 reader = replacements[id(node.module)]
@@ -231,6 +336,29 @@ class QuantizeTranspiler:
             if self.fold_bn:
                 missed = "batch norms not folded: %s; %s" % (_listing([n for n, _ in summary.not_folded]), missed)
             _warn_fallback("training_transpile", model, graph, missed)
+        return model
+
+    # --- post-training calibration -------------------------------------------------------------
+
+    def calibrate(self, model: nn.Module, batches, method: str = "abs_max", percentile: float = 99.99,
+                  forward=None) -> nn.Module:
+        """Static activation scales from ``batches`` without training (qkernels/calibration.py): statistics
+        of the float activations (fake quant off, eval mode: batch norms keep their statistics), then
+        ``method`` ('abs_max', the reference's; 'percentile'; 'mse') sets each scale. Returns ``model``;
+        ``summary`` lists the scales."""
+        from .calibration import calibrate
+
+        if self._has_int8(model) or _count(model, _FROZEN_LAYERS):
+            raise RuntimeError("qkernels: calibrate the transpiled model (training_transpile), before "
+                               "freeze_program / convert_to_int8")
+        result = calibrate(model, batches, method=method, percentile=percentile, forward=forward)
+        summary = qg.TranspileSummary("calibrate", type(model).__name__, "none (forward hooks on the quantizers)")
+        summary.returned = "the same model, its static activation scales set"
+        summary.calibration = "%s over %d batches" % (method if method != "percentile" else
+                                                      "percentile %g" % percentile, result.batches)
+        summary.calibrated = [(name, result.scales[name], result.abs_max[name]) for name in result.scales]
+        summary.skipped = [(name, "dynamic abs_max quantizer (no state to calibrate)") for name in result.skipped]
+        self.summary = summary
         return model
 
     # --- inference ------------------------------------------------------------------------------
@@ -383,6 +511,12 @@ class QuantizeTranspiler:
             newly = chain_shared_outputs(model, tuple(traced_inputs), (int8_conv, int8_linear))
             summary.not_chained = [(n, why) for n, why in summary.not_chained if n not in newly]
             summary.chained += [(n, ("the int8 readers of its output, found by a traced forward",)) for n in newly]
+        if summary.chained:
+            # Codes flow only inside a call of this model (its graph or traced forward decided the chaining).
+            scope = install_chain_scope(model)
+            for layer in model.modules():
+                if isinstance(layer, (int8_conv, int8_linear)) and layer.chained:
+                    layer.chain_scope = scope
         return model
 
     @staticmethod
@@ -404,6 +538,8 @@ class QuantizeTranspiler:
             if scale > 6.0:
                 return "fused ReLU6 and the readers' input scale %.4g is above 6" % scale
             layer.fuse_activation("relu")
+            layer.chain_to(targets[0], float_activation="relu6")
+            return None
         layer.chain_to(targets[0])
         return None
 

@@ -111,7 +111,9 @@ def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
 def model_record(model: torch.nn.Module, stage: str, quant: dict | None, labels: list[str]) -> dict:
     return {"format": FORMAT, "arch": ARCH, "stage": stage, "quant": quant, "labels": list(labels),
             "num_classes": len(labels),
-            "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}}
+            # int8 layers also save their structure (``_extra_state``, a dict): kept as it is
+            "model": {k: v.detach().cpu().contiguous() if isinstance(v, torch.Tensor) else v
+                      for k, v in model.state_dict().items()}}
 
 
 def atomic_write(path: Path, write) -> None:

@@ -2,6 +2,7 @@
 MobileNetV2 (benchmarks/torchvision_style.py, small widths), a branch whose input feeds two convs and a
 concat, two convs reading one chained output, functional ReLUs, a data-dependent forward (fallback), a
 shape-checking forward (torch.export) and MobileNet-SSD traced with example inputs."""
+import contextlib
 import copy
 import io
 import math
@@ -302,7 +303,8 @@ def check_int8_against_frozen(frozen, int8, summary, x):
                 want = want.clamp_min(0)
             elif acts.get(name) == "relu6":
                 want = want.clamp(0, 6)
-            got = layer(inp)
+            with layer.chain_scope or contextlib.nullcontext():  # as inside the model's call
+                got = layer(inp)
         if layer.chained:
             assert got.dtype == torch.int8, name
             s_n = layer.output_scale

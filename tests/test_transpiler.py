@@ -1,4 +1,5 @@
 """QuantizeTranspiler: training_transpile, fold_bn, freeze_program, convert_to_int8 on small nets and MobileNet-SSD."""
+import contextlib
 import copy
 import io
 
@@ -423,7 +424,7 @@ def check_int8_layer_by_layer(frozen, int8, x):
     assert len(records) == sum(isinstance(m, (Int8Conv2d, Int8Linear)) for m in int8.modules())
     for name, (inp, out) in records.items():
         layer = layers[name]
-        with torch.no_grad():
+        with torch.no_grad(), (layer.chain_scope or contextlib.nullcontext()):
             want = frozen_reference_after(frozen, name, out)
             got = layer(inp)
         if layer.chained:

@@ -18,12 +18,17 @@ between. A layer with a fused ReLU6 is not chained (its clamp at 6 cannot be exp
 arbitrary scale); the chaining decision depends only on the structure, so that a freshly converted model
 has the same state_dict keys as a trained one.
 
+Chaining holds only inside a call of the converted model (qkernels/nn/int8_chain.py): called any other
+way (a slice of a Sequential, a submodule on its own) a chained layer writes the float values instead.
+
 State (``state_dict``): ``weight`` (int8; or uint8 = code + 128 with ``weight_storage="uint8"``, converted
 back to int8 on load), ``weight_scale``, ``bias``, ``input_scale`` (static types), ``bn_factor`` (folded
 batch norm), ``output_scale`` (chained layers). The epilogue constants derive from these and are
 recomputed after ``load_state_dict``, and so are the weights packed for the CPU kernels (Int8Conv2d:
 ``pack_conv2d_int8_weight``, once, not per call; again after ``.to(device)``; call ``refresh()`` after
-changing ``weight`` in place).
+changing ``weight`` in place). ``_extra_state`` records the structure (version, activation, chained,
+static or dynamic input, batch norm folded, bits, storage), so a state_dict loads into a skeleton
+converted with other settings, which takes on the saved structure.
 """
 from typing import Optional
 
@@ -34,6 +39,7 @@ from .. import ops as qk
 from ..ops.fake_quant import bin_count
 
 ACTIVATIONS = (None, "relu", "relu6")
+STATE_VERSION = 2  # 1: before _extra_state (structure taken from the skeleton)
 
 
 def _refresh_after_load(module: "_Int8Layer", _incompatible_keys) -> None:
@@ -50,6 +56,8 @@ class _Int8Layer(nn.Module):
         self.static = quantizer.static
         self.weight_storage = weight_storage
         self.activation: Optional[str] = None
+        self.float_activation: Optional[str] = None  # the activation when not writing codes (chained layers)
+        self.chain_scope = None  # set by convert_to_int8: codes only inside a call of the converted model
         self.register_buffer("weight", frozen.weight.detach().round().to(torch.int8))
         self.register_buffer("weight_scale", frozen.weight_scale.detach().clone())
         self.register_buffer("bias", None if frozen.bias is None else frozen.bias.detach().clone())
@@ -58,6 +66,8 @@ class _Int8Layer(nn.Module):
         self.register_buffer("output_scale", None)
         self.register_buffer("_epilogue_scale", None, persistent=False)
         self.register_buffer("_epilogue_bias", None, persistent=False)
+        self.register_buffer("_float_scale", None, persistent=False)  # chained layers writing floats
+        self.register_buffer("_float_bias", None, persistent=False)
         self.register_buffer("_packed_weight", None, persistent=False)
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
@@ -89,12 +99,14 @@ class _Int8Layer(nn.Module):
         """Whether a previous layer may hand this one int8 codes (static 8-bit input scale)."""
         return self.static and self.activation_bits == 8
 
-    def chain_to(self, next_layer: "_Int8Layer") -> None:
-        """Write int8 codes for ``next_layer``'s input instead of float."""
+    def chain_to(self, next_layer: "_Int8Layer", float_activation: Optional[str] = None) -> None:
+        """Write int8 codes for ``next_layer``'s input instead of float (``float_activation``: the activation
+        to apply when writing floats after all, if not the current one)."""
         if not next_layer.accepts_codes():
             raise RuntimeError("qkernels: can only chain into a layer with a static 8-bit input scale")
         if self.activation == "relu6":
             raise RuntimeError("qkernels: a layer with a fused ReLU6 cannot write int8 codes")
+        self.float_activation = float_activation or self.activation
         self.output_scale = next_layer.input_scale.detach().clone()
         self.refresh()
 
@@ -113,6 +125,8 @@ class _Int8Layer(nn.Module):
         if self.static:
             scale = scale * self.input_scale
         bias = None if self.bias is None else self.bias.float()
+        self._float_scale = scale.contiguous()
+        self._float_bias = None if bias is None else bias.contiguous()
         if self.output_scale is not None:
             # codes of the next layer's input: y * 127 / s_n (a zero scale gives zero codes, as quantize does)
             usable = self.output_scale > 1e-30
@@ -133,19 +147,30 @@ class _Int8Layer(nn.Module):
             self._pack_weight()
         return result
 
+    def _writes_codes(self) -> bool:
+        """Chained, and inside a call of the model the chaining was decided for (when one was given)."""
+        return self.output_scale is not None and (self.chain_scope is None or self.chain_scope.active)
+
+    def _epilogue(self):
+        """(epilogue scale, bias, out dtype, activation) for this call."""
+        if self.output_scale is not None and not self._writes_codes():
+            return self._float_scale, self._float_bias, torch.float32, self.float_activation
+        return self._epilogue_scale, self._epilogue_bias, self._out_dtype(), self.activation
+
     def _input_codes(self, x: torch.Tensor):
         """(int8 codes, scale factor for the epilogue)."""
+        epilogue_scale = self._epilogue()[0]
         if x.dtype == torch.int8:  # codes from a chained previous layer, already in this layer's scale
-            return x, self._epilogue_scale
+            return x, epilogue_scale
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             # conv2d_int8 returns channels-last. Quantizing is elementwise, so quantize the contiguous NHWC
             # view and hand back a channels-last view: no layout copies on either side.
             codes, scale = self._input_codes(x.permute(0, 2, 3, 1))
             return codes.permute(0, 3, 1, 2), scale
         if self.static:
-            return qk.quantize_with_scale(x, self.input_scale, self.activation_bits), self._epilogue_scale
+            return qk.quantize_with_scale(x, self.input_scale, self.activation_bits), epilogue_scale
         codes, s = qk.quantize_abs_max(x, self.activation_bits)
-        return codes, s * self._epilogue_scale
+        return codes, s * epilogue_scale
 
     def _out_dtype(self) -> torch.dtype:
         return torch.int8 if self.output_scale is not None else torch.float32
@@ -157,7 +182,32 @@ class _Int8Layer(nn.Module):
         if self.weight_storage == "uint8":
             destination[prefix + "weight"] = (self.weight.to(torch.int16) + 128).to(torch.uint8)
 
+    def get_extra_state(self):
+        return {"version": STATE_VERSION, "activation": self.activation, "float_activation": self.float_activation,
+                "chained": self.output_scale is not None, "static": self.static,
+                "bn_folded": self.bn_factor is not None, "activation_bits": self.activation_bits,
+                "weight_bits": self.weight_bits, "weight_quantize_type": self.weight_quantize_type,
+                "weight_storage": self.weight_storage}
+
+    def set_extra_state(self, state) -> None:
+        version = state.get("version") if isinstance(state, dict) else None
+        if not isinstance(version, int) or version > STATE_VERSION:
+            raise RuntimeError("qkernels: int8 layer state version %r is not one this qkernels reads (up to %d)"
+                               % (version, STATE_VERSION))
+        for name in ("activation", "float_activation", "static", "activation_bits", "weight_bits",
+                     "weight_quantize_type", "weight_storage"):
+            if name in state:
+                setattr(self, name, state[name])
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        extra = prefix + "_extra_state"
+        if extra not in state_dict:  # a version-1 state: the skeleton's structure stands
+            state_dict = dict(state_dict)
+            state_dict[extra] = self.get_extra_state()
+        else:  # the saved structure wins: optional buffers it does not have are dropped here too
+            for name in ("bias", "input_scale", "bn_factor", "output_scale"):
+                if prefix + name not in state_dict and getattr(self, name) is not None:
+                    setattr(self, name, None)
         key = prefix + "weight"
         if key in state_dict and state_dict[key].dtype == torch.uint8:
             state_dict = dict(state_dict)
@@ -211,9 +261,9 @@ class Int8Conv2d(_Int8Layer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale = self._input_codes(x)
-        return qk.conv2d_int8_packed(codes, self.weight, self._packed_weight, self._epilogue_bias, self.stride,
-                                     self.padding, self.dilation, self.groups, scale, self._out_dtype(),
-                                     self.activation)
+        _scale, bias, out_dtype, activation = self._epilogue()
+        return qk.conv2d_int8_packed(codes, self.weight, self._packed_weight, bias, self.stride, self.padding,
+                                     self.dilation, self.groups, scale, out_dtype, activation)
 
     def extra_repr(self) -> str:
         return "%d, %d, kernel_size=%s, stride=%s, padding=%s, groups=%d, %s" % (
@@ -231,8 +281,8 @@ class Int8Linear(_Int8Layer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale = self._input_codes(x)
-        return qk.linear_int8(codes, self.weight, self._epilogue_bias, scale, self._out_dtype(),
-                              self.activation)
+        _scale, bias, out_dtype, activation = self._epilogue()
+        return qk.linear_int8(codes, self.weight, bias, scale, out_dtype, activation)
 
     def extra_repr(self) -> str:
         return "in_features=%d, out_features=%d, %s" % (self.in_features, self.out_features, self._extra())

@@ -11,7 +11,11 @@ The state lives in buffers (``scale``, ``window``, ``step``, ``accum``, ``state`
 carries it. Training updates the state in place with the qkernels update ops (no host synchronisation,
 no ``.item()``) and quantizes the current batch with the updated scale, as the reference does.
 Under ``torch.distributed`` with more than one process, the batch abs max is reduced (MAX) across
-ranks before the update, so every rank holds the same state.
+ranks before the update, so every rank holds the same state: over ``process_group`` (None: the default
+group), or not at all with ``sync_statistics = False`` (each rank then keeps its own state).
+
+A float checkpoint (saved before transpiling) loads into a transpiled model, strictly; a static quantizer
+then keeps its initial scale (0.001), and the load warns so (calibrate or train before inference).
 
 State buffers are float32 (int64 for ``step``): use autocast for fp16/bf16, not ``model.half()``.
 """
@@ -28,24 +32,29 @@ WEIGHT_QUANTIZE_TYPES = ("abs_max", "channel_wise_abs_max")
 STATIC_ACTIVATION_TYPES = ("range_abs_max", "moving_average_abs_max")
 
 
-def _world_size() -> int:
+def _world_size(group=None) -> int:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
+        return dist.get_world_size(group)
     return 1
 
 
-def batch_statistic(x: torch.Tensor) -> torch.Tensor:
-    """What the state update ops consume: x itself, or (several processes) the MAX-reduced abs max.
+def batch_statistic(x: torch.Tensor, process_group=None, sync: bool = True) -> torch.Tensor:
+    """What the state update ops consume: x itself, or (several processes) the MAX-reduced abs max over
+    ``process_group`` (None: the default group); ``sync=False`` never reduces.
 
     The update ops take the abs max of whatever they get, so a 0-dim reduced abs max works as x.
     """
     x = x.detach()
-    if _world_size() > 1:
+    if sync and _world_size(process_group) > 1:
         cur = qk.abs_max(x)
-        torch.distributed.all_reduce(cur, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(cur, op=torch.distributed.ReduceOp.MAX, group=process_group)
         return cur
     return x
+
+
+class FloatCheckpointWarning(UserWarning):
+    """A checkpoint without quantizer state was loaded: static scales stay at their initial value."""
 
 
 class _Quantizer(nn.Module):
@@ -70,6 +79,13 @@ class _Quantizer(nn.Module):
         # state instead of failing a strict load. A checkpoint with part of the state is still an error.
         own = [prefix + name for name, buf in self._buffers.items() if buf is not None and name not in self._non_persistent_buffers_set]
         if own and not any(key in state_dict for key in own):
+            if getattr(self, "static", False):
+                import warnings
+
+                warnings.warn("qkernels: the loaded checkpoint has no activation-quantizer state (a float "
+                              "checkpoint?): static scales stay at their initial value 0.001; calibrate "
+                              "(QuantizeTranspiler.calibrate) or train before inference", FloatCheckpointWarning,
+                              stacklevel=4)
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
@@ -79,10 +95,20 @@ class ActivationQuantizer(_Quantizer):
 
     quantize_type = ""
     static = False
+    sync_statistics = True   # MAX-reduce the batch statistic across processes (static types, training)
+    process_group = None     # ... over this torch.distributed group (None: the default group)
 
     def __init__(self, bits: int = 8, ste: str = "identity"):
         super().__init__(bits, ste)
         self.register_buffer("scale", torch.tensor(0.001, dtype=torch.float32))
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("process_group", None)  # a process group belongs to a running job: never pickled
+        return state
+
+    def _statistic(self, x: torch.Tensor) -> torch.Tensor:
+        return batch_statistic(x, self.process_group, self.sync_statistics)
 
     def quantize(self, x: torch.Tensor):
         """(integer codes, scale) of x for inference: the frozen scale (static types) or max|x| (abs_max).
@@ -143,7 +169,7 @@ class FakeQuantRangeAbsMax(ActivationQuantizer):
         if not self.enabled:
             return x
         if self.training:
-            qk.range_abs_max_update_(batch_statistic(x), self.scale, self.window, self.step, self.window_size)
+            qk.range_abs_max_update_(self._statistic(x), self.scale, self.window, self.step, self.window_size)
         return self._fake_quant_with_state(x)
 
 
@@ -166,7 +192,7 @@ class FakeQuantMovingAverageAbsMax(ActivationQuantizer):
         if not self.enabled:
             return x
         if self.training:
-            qk.moving_average_abs_max_update_(batch_statistic(x), self.scale, self.accum, self.state, self.moving_rate)
+            qk.moving_average_abs_max_update_(self._statistic(x), self.scale, self.accum, self.state, self.moving_rate)
         return self._fake_quant_with_state(x)
 
 

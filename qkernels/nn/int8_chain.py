@@ -1,0 +1,55 @@
+"""When chained int8 layers may hand each other int8 codes: only inside a call of the model whose graph
+said so.
+
+convert_to_int8 decides chaining from the traced graph of the whole model: a layer writes int8 codes
+only when every reader of its output is an int8 layer taking them. Called any other way (a slice
+``model.features[:5]``, a submodule called on its own, a layer called from new code), that analysis says
+nothing, so codes would be taken for floats. The transpiler therefore gives the converted model a
+``ChainScope``: hooks on the model's forward mark the scope active for the duration of each call, and a
+chained layer writes codes only while its scope is active; otherwise it writes the float values its
+codes stand for (its own epilogue without the next layer's scale, and its own activation).
+"""
+
+
+class ChainScope:
+    """Active while the converted model's forward runs (nesting counted)."""
+
+    def __init__(self):
+        self.depth = 0
+
+    @property
+    def active(self) -> bool:
+        return self.depth > 0
+
+    def __enter__(self) -> "ChainScope":
+        """``with layer.chain_scope: layer(codes)``: call chained layers on their own as the model would."""
+        self.depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.depth = max(0, self.depth - 1)
+
+
+class _EnterScope:
+    def __init__(self, scope: ChainScope):
+        self.scope = scope
+
+    def __call__(self, _module, _args):
+        self.scope.depth += 1
+
+
+class _LeaveScope:
+    def __init__(self, scope: ChainScope):
+        self.scope = scope
+
+    def __call__(self, _module, _args, _output):
+        self.scope.depth = max(0, self.scope.depth - 1)
+
+
+def install_chain_scope(model) -> ChainScope:
+    """A ChainScope active during every call of ``model`` (hooks are picklable objects, so the model
+    saves whole with torch.save)."""
+    scope = ChainScope()
+    model.register_forward_pre_hook(_EnterScope(scope))
+    model.register_forward_hook(_LeaveScope(scope), always_call=True)
+    return scope
