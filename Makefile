@@ -13,7 +13,7 @@ EDITABLE_HERE := $(PY) -I -c 'import importlib.metadata as m, json, os, sys, url
   here = os.path.realpath(up.unquote(up.urlparse(u.get("url", "")).path) or "/nonexistent"); \
   sys.exit(not (u.get("dir_info", {}).get("editable") and here == os.path.realpath(".")))'
 
-.PHONY: install deps build build-cpu test test-fast test-cuda-emu demo bench sass-report clean
+.PHONY: install deps build build-cpu test test-release test-fast test-cuda-emu demo bench sass-report clean
 
 # Editable install into .venv: `import qkernels`, `import ssd`, `python -m ssd.main_quant` and
 # `qkernels-ssd` work from any folder. Redone only when .venv holds another checkout's (the last
@@ -52,6 +52,10 @@ test: install
 # kernels; `make test` runs these too. The emulated build is cached under build/cuda_emu/.
 test-cuda-emu: install
 	$(PY) -m pytest -q tests/cuda_emu
+
+# Slow release checks beside `make test`: a CPU-only wheel compiled from the sdist alone.
+test-release: install
+	QKERNELS_TEST_SDIST_BUILD=1 $(PY) -m pytest -q tests/test_packaging.py
 
 test-fast: build-cpu
 	$(PY) -m pytest -q -x tests

@@ -1,6 +1,8 @@
 """Packaging as a PyTorch user meets it: the build report, the one-sentence error for an extension that
-does not fit the running torch, and a wheel (built CPU-only from the source distribution) that installs
-into a fresh venv sharing this torch and runs from a folder outside the checkout."""
+does not fit the running torch, and a wheel of this checkout that installs into a fresh venv sharing this
+torch and runs from a folder outside the checkout (and, with QKERNELS_TEST_SDIST_BUILD=1, one built
+CPU-only from the source distribution alone)."""
+import fcntl
 import json
 import os
 import re
@@ -196,17 +198,8 @@ WHEEL_CHECK = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def wheel_venv(tmp_path_factory):
-    """sdist of this checkout -> CPU-only wheel built from it -> a fresh venv with the wheel installed and
-    this torch shared through a .pth file. Nothing is downloaded (pip runs with --no-index)."""
-    tmp = tmp_path_factory.mktemp("packaging")
-    _run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", tmp, "sdist", "--dist-dir", tmp / "dist"],
-         cwd=REPO, timeout=300, QKERNELS_CPU_ONLY="1")
-    (sdist,) = (tmp / "dist").glob("qkernels-*.tar.gz")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index", "--quiet",
-          "--wheel-dir", tmp / "wheels", sdist], cwd=tmp, timeout=900, QKERNELS_CPU_ONLY="1")
-    (wheel,) = (tmp / "wheels").glob("qkernels-*.whl")
+def _install_into_fresh_venv(wheel: Path, tmp: Path) -> dict:
+    """A fresh venv with the wheel installed and this torch shared through a .pth file."""
     env_dir = tmp / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
@@ -218,19 +211,73 @@ def wheel_venv(tmp_path_factory):
     (site / "_shared_torch.pth").write_text(str(TORCH_SITE) + "\n")
     outside = tmp / "elsewhere"
     outside.mkdir()
-    return {"sdist": sdist, "wheel": wheel, "python": python, "bin": env_dir / "bin", "site": site,
-            "outside": outside}
+    return {"wheel": wheel, "python": python, "bin": env_dir / "bin", "site": site, "outside": outside}
 
 
-def test_sdist_carries_every_source_and_header(wheel_venv):
+def _sdist(tmp: Path) -> Path:
+    _run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", tmp, "sdist", "--dist-dir", tmp / "dist"],
+         cwd=REPO, timeout=300, QKERNELS_CPU_ONLY="1")
+    (sdist,) = (tmp / "dist").glob("qkernels-*.tar.gz")
+    return sdist
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(tmp_path_factory):
+    """The sdist of this checkout, and a wheel of this checkout installed into a fresh venv.
+
+    The wheel is built by pip from the checkout, with the checkout's own configuration, so the compiler
+    work of `make build` is reused (ninja finds every object up to date and only links): compiling the
+    sources a second time would cost minutes of the suite's budget. That the sdist alone builds a working
+    wheel is checked by test_a_wheel_builds_from_the_sdist_alone (QKERNELS_TEST_SDIST_BUILD=1, make
+    test-release); here the sdist is checked to carry every file the sources include."""
+    tmp = tmp_path_factory.mktemp("packaging")
+    sdist = _sdist(tmp)
+    with open(REPO / ".build.lock", "a") as lock:  # the lock `make build` holds while it builds
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index", "--quiet",
+              "--wheel-dir", tmp / "wheels", REPO], cwd=tmp, timeout=900)
+    (wheel,) = (tmp / "wheels").glob("qkernels-*.whl")
+    return {"sdist": sdist, **_install_into_fresh_venv(wheel, tmp)}
+
+
+def _included_files(source: Path) -> set:
+    """Paths (relative to the checkout) of the project headers a csrc file includes with quotes,
+    resolved as the compiler does: next to the file, then in csrc/."""
+    found = set()
+    for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', source.read_text(), re.M):
+        for base in (source.parent, REPO / "csrc"):
+            if (base / name).is_file():
+                found.add((base / name).resolve().relative_to(REPO).as_posix())
+                break
+    return found
+
+
+def test_sdist_carries_every_file_the_sources_include(wheel_venv):
     with tarfile.open(wheel_venv["sdist"]) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    wanted = {p.relative_to(REPO).as_posix() for ext in ("h", "cuh", "cpp", "cu")
-              for p in (REPO / "csrc").rglob("*." + ext)}
-    assert wanted and wanted <= names, sorted(wanted - names)
+    sources = [p for ext in ("h", "cuh", "cpp", "cu") for p in (REPO / "csrc").rglob("*." + ext)]
+    included = set().union(*(_included_files(p) for p in sources))
+    assert "csrc/cpu/int8_gemm.h" in included and "csrc/cuda/mma/igemm.h" in included  # the scan works
+    wanted = {p.relative_to(REPO).as_posix() for p in sources} | included
+    assert wanted <= names, sorted(wanted - names)
     assert {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "qkernels/_version.py",
             "qkernels/__main__.py", "ssd/main_quant.py"} <= names
     assert not [n for n in names if n.endswith((".so", ".o")) or n.endswith("_build_info.json")]
+
+
+@pytest.mark.skipif(os.environ.get("QKERNELS_TEST_SDIST_BUILD", "0") in ("", "0"),
+                    reason="compiles every source again (minutes): QKERNELS_TEST_SDIST_BUILD=1 / make test-release")
+def test_a_wheel_builds_from_the_sdist_alone(tmp_path):
+    """A CPU-only wheel built from nothing but the sdist installs and runs ops outside the checkout."""
+    sdist = _sdist(tmp_path)
+    _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index", "--quiet",
+          "--wheel-dir", tmp_path / "wheels", sdist], cwd=tmp_path, timeout=1800, QKERNELS_CPU_ONLY="1")
+    (wheel,) = (tmp_path / "wheels").glob("qkernels-*.whl")
+    installed = _install_into_fresh_venv(wheel, tmp_path)
+    got = json.loads(_run([installed["python"], "-c", WHEEL_CHECK], cwd=installed["outside"]).stdout)
+    assert Path(got["qkernels"]).parent == installed["site"] / "qkernels"
+    assert got["cuda_kernels"] is False and got["linear_exact"] and got["scale_equal"]
+    assert got["fake_quant_max_err"] <= got["step"] * 1.001
 
 
 def test_wheel_holds_the_extension_its_record_and_the_console_script(wheel_venv):
@@ -243,7 +290,8 @@ def test_wheel_holds_the_extension_its_record_and_the_console_script(wheel_venv)
         meta = whl.read(metadata).decode()
     assert "qkernels/_C" + EXTENSION_SUFFIXES[0] in names and "ssd/main_quant.py" in names
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
-    assert record["with_cuda"] is False and record["torch_version"] == torch.__version__
+    assert record == json.loads((PACKAGE / "_build_info.json").read_text())  # the checkout's build
+    assert record["torch_version"] == torch.__version__
     assert re.search(r"^qkernels-ssd = ssd\.main_quant:main$", scripts, re.M)
     assert "Version: %s\n" % qkernels.__version__ in meta
     assert "Requires-Dist: torch==%s\n" % torch.__version__.split("+")[0] in meta
@@ -254,7 +302,7 @@ def test_wheel_runs_ops_outside_the_checkout(wheel_venv):
     got = json.loads(proc.stdout)
     assert Path(got["qkernels"]).parent == wheel_venv["site"] / "qkernels"
     assert Path(got["ssd"]).parent == wheel_venv["site"] / "ssd"
-    assert got["version"] == qkernels.__version__ and got["cuda_kernels"] is False
+    assert got["version"] == qkernels.__version__ and got["cuda_kernels"] == qkernels.has_cuda_kernels()
     # within one quantization step (a rounding tie may land on either side in float32)
     assert got["scale_equal"] and got["fake_quant_max_err"] <= got["step"] * 1.001
     assert got["linear_exact"]
@@ -265,8 +313,9 @@ def test_wheel_build_report_and_console_script(wheel_venv):
     report = _run([wheel_venv["python"], "-m", "qkernels"], cwd=wheel_venv["outside"]).stdout
     assert report.splitlines()[0].split() == ["qkernels", qkernels.__version__]
     assert "extension  %s" % (wheel_venv["site"] / "qkernels" / ("_C" + EXTENSION_SUFFIXES[0])) in report
-    assert "no kernels compiled in; can run here: no, built without CUDA kernels (QKERNELS_CPU_ONLY is set)" \
-        in report
+    here = _run([sys.executable, "-m", "qkernels"], cwd=REPO).stdout  # the same build, from the checkout
+    cuda_line = [line for line in here.splitlines() if "can run here:" in line]
+    assert len(cuda_line) == 1 and cuda_line[0] in report.splitlines()
     assert "running %s (" % torch.__version__ in report and ": same" in report
     usage = _run([wheel_venv["bin"] / "qkernels-ssd", "--help"], cwd=wheel_venv["outside"]).stdout
     assert "--mode" in usage and "--act_quant_type" in usage
