@@ -31,6 +31,7 @@ import qkernels
 
 from . import common
 from .bench_conv_int8 import QUICK_NAMES, geomean, mobilenet_ssd_convs
+from .bench_int8_model import seed_model  # the same random-weight model as the CPU benchmark
 
 SCRIPT = "bench_conv_int8_gpu"
 POINTWISE_TARGET = 1.3
@@ -164,23 +165,6 @@ def run_linear(device, quick):
 
 
 # --- the whole model ------------------------------------------------------------------------------------
-
-def seed_model():
-    from ssd.model import MobileNetSSD
-
-    torch.manual_seed(0)
-    model = MobileNetSSD(num_classes=21)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=gen) * 0.2 - 0.1)
-                m.running_var.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
-                m.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
-                m.bias.copy_(torch.rand(n, generator=gen) * 0.2 - 0.1)
-    return model.eval()
-
 
 def int8_model(model, device):
     from qkernels import QuantizeTranspiler
