@@ -18,6 +18,7 @@ The layers are matched by their module path (the passes keep it), the ONNX ones 
 name scopes: the int8 tensor feeding the DequantizeLinear in front of each layer's Conv / Gemm / MatMul.
 """
 import ast
+import contextlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -185,6 +186,18 @@ def _onnx_run(model, names: List[str], batch) -> Tuple[Dict[str, torch.Tensor], 
     return {layer: by_name[t].double() for layer, t in taps.items()}, outputs[0]
 
 
+@contextlib.contextmanager
+def _in_eval_mode(model: nn.Module):
+    """Every module in eval mode inside the block; each module's own mode restored after it."""
+    modes = {id(m): m.training for m in model.modules()}
+    try:
+        model.eval()
+        yield
+    finally:
+        for m in model.modules():
+            m.training = modes[id(m)]
+
+
 def parity_report(qat_model: nn.Module, deployed, batch) -> ParityReport:
     """Compare ``deployed`` (a frozen or int8 nn.Module, or an onnx.ModelProto) with the transpiled
     ``qat_model`` (both run in eval mode; modes are restored) on ``batch`` (a tensor or a tuple of forward's
@@ -194,13 +207,8 @@ def parity_report(qat_model: nn.Module, deployed, batch) -> ParityReport:
     if not qat_layers:
         raise ValueError("qkernels: parity_report needs the transpiled (QAT) model, with QuantConv2d / "
                          "QuantLinear layers, as its first argument")
-    modes = {id(m): m.training for m in qat_model.modules()}
-    try:
-        qat_model.eval()
+    with _in_eval_mode(qat_model):
         qat, order, qat_out = _run_with_hooks(qat_model, qat_layers, _qat_units, batch)
-    finally:
-        for m in qat_model.modules():
-            m.training = modes[id(m)]
     if isinstance(deployed, nn.Module):
         from .transpiler import _int8_layer_types
 
@@ -210,13 +218,8 @@ def parity_report(qat_model: nn.Module, deployed, batch) -> ParityReport:
             raise ValueError("qkernels: the deployed model has no frozen or int8 layers under the QAT model's "
                              "layer names")
         kind = "frozen" if any(isinstance(m, (FrozenConv2d, FrozenLinear)) for m in dep_layers.values()) else "int8"
-        dep_modes = {id(m): m.training for m in deployed.modules()}
-        try:
-            deployed.eval()
+        with _in_eval_mode(deployed):
             dep, _order, dep_out = _run_with_hooks(deployed, dep_layers, _deployed_units, batch)
-        finally:
-            for m in deployed.modules():
-                m.training = dep_modes[id(m)]
     else:
         kind = "onnxruntime"
         dep, dep_out = _onnx_run(deployed, order, batch)

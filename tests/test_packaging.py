@@ -214,6 +214,14 @@ def _install_into_fresh_venv(wheel: Path, tmp: Path) -> dict:
     return {"wheel": wheel, "python": python, "bin": env_dir / "bin", "site": site, "outside": outside}
 
 
+def _pip_wheel(source: Path, tmp: Path, **env) -> Path:
+    """pip wheel of source (the checkout or an sdist) into tmp/wheels, offline; returns the wheel."""
+    _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index", "--quiet",
+          "--wheel-dir", tmp / "wheels", source], cwd=tmp, timeout=1800, **env)
+    (wheel,) = (tmp / "wheels").glob("qkernels-*.whl")
+    return wheel
+
+
 def _sdist(tmp: Path) -> Path:
     _run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", tmp, "sdist", "--dist-dir", tmp / "dist"],
          cwd=REPO, timeout=300, QKERNELS_CPU_ONLY="1")
@@ -234,9 +242,7 @@ def wheel_venv(tmp_path_factory):
     sdist = _sdist(tmp)
     with open(REPO / ".build.lock", "a") as lock:  # the lock `make build` holds while it builds
         fcntl.flock(lock, fcntl.LOCK_EX)
-        _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index", "--quiet",
-              "--wheel-dir", tmp / "wheels", REPO], cwd=tmp, timeout=900)
-    (wheel,) = (tmp / "wheels").glob("qkernels-*.whl")
+        wheel = _pip_wheel(REPO, tmp)
     return {"sdist": sdist, **_install_into_fresh_venv(wheel, tmp)}
 
 
@@ -270,9 +276,7 @@ def test_sdist_carries_every_file_the_sources_include(wheel_venv):
 def test_a_wheel_builds_from_the_sdist_alone(tmp_path):
     """A CPU-only wheel built from nothing but the sdist installs and runs ops outside the checkout."""
     sdist = _sdist(tmp_path)
-    _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index", "--quiet",
-          "--wheel-dir", tmp_path / "wheels", sdist], cwd=tmp_path, timeout=1800, QKERNELS_CPU_ONLY="1")
-    (wheel,) = (tmp_path / "wheels").glob("qkernels-*.whl")
+    wheel = _pip_wheel(sdist, tmp_path, QKERNELS_CPU_ONLY="1")
     installed = _install_into_fresh_venv(wheel, tmp_path)
     got = json.loads(_run([installed["python"], "-c", WHEEL_CHECK], cwd=installed["outside"]).stdout)
     assert Path(got["qkernels"]).parent == installed["site"] / "qkernels"
