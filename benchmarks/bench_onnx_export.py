@@ -3,20 +3,20 @@
 Models, all from bench_int8_model's float model (random weights, non-trivial batch norms), calibrated on
 the same images:
 - ours static: QuantizeTranspiler(range_abs_max, fold_bn) -> convert_to_int8, our int8 kernels;
-- onnxruntime, our export: ``qkernels.export_onnx`` of that very int8 model (standard QDQ), CPU execution
-  provider, graph optimisation 'all', same thread count;
+- onnxruntime, our export: ``qkernels.export_onnx`` of that very int8 model (standard QDQ, each quantized
+  Conv a DequantizeLinear -> Conv -> QuantizeLinear unit with an int32 bias, int8 activations with zero
+  point 0), CPU execution provider, graph optimisation 'all', same thread count. On x86 onnxruntime fuses
+  units with int8 activations only when told to (``session.qdqisint8allowed``), so three rows:
+  its default (float Conv on dequantized tensors), int8 QLinearConv (told to), and the export with
+  ``activations="uint8"`` (code + 128, zero point 128: the same values), which its default fuses;
 - onnxruntime, quantize_static: the float model exported and quantized by onnxruntime itself (QDQ, uint8
-  activations, per-channel int8 weights): what onnxruntime runs as QLinearConv;
+  activations, per-channel int8 weights);
 - float32: the float model in channels_last (PyTorch).
 
-The notes record how many QLinearConv / ConvInteger nodes onnxruntime's optimiser made of each graph and
-how far our export's outputs are from our int8 kernels'. Our export keeps our quantization exactly: each
-QuantizeLinear has a Clip(-s, s) in front (codes stop at +-127; int8 QuantizeLinear alone would give -128),
-which the exporter merges with a ReLU before it into Clip(0, s), and activations are symmetric int8 (zero
-point 0). onnxruntime 1.31 fuses none of our Convs into QLinearConv: it runs float Conv on dequantized
-tensors, so this row is a deployment check, not int8 speed. (Probe on a small net: with the Clips in front
-of QuantizeLinear deleted, which also deletes the ReLUs and so changes the result, it makes QLinearConv of
-every Conv: the Clip between Conv and QuantizeLinear is what blocks the fusion.)
+The notes record the op counts of onnxruntime's optimised graph of each (QLinearConv: its integer
+convolution) and how far each one's outputs are from our int8 kernels' (the random-weight SSD is deep:
+a code that moves one step on a rounding tie, or by onnxruntime's own arithmetic, grows along the
+layers; qkernels.parity_report shows per layer).
 Batch 1 and 8, interleaved samples (common.measure_group); freed memory kept in the heap (mallopt) for
 every model alike.
 """
@@ -41,25 +41,33 @@ def optimized_op_counts(session_factory, path: str) -> collections.Counter:
     return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
 
 
-def build_ours_in_onnxruntime(int8_model, example, threads: int):
+def build_ours_in_onnxruntime(int8_model, example, threads: int, activations: str = "int8", int8_units: bool = False):
     """(images -> outputs callable, op counts after onnxruntime's optimisation)."""
     from qkernels.export import export_onnx, onnxruntime_session
 
     batch = torch.export.Dim("batch", min=1, max=64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        proto = export_onnx(int8_model, (example,), input_names=["images"],
+        proto = export_onnx(int8_model, (example,), input_names=["images"], activations=activations,
                             dynamic_shapes={"images": {0: batch}})
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "optimized.onnx")
-        counts = optimized_op_counts(lambda p: onnxruntime_session(proto, threads=threads, optimized_model_path=p),
-                                     path)
-    session = onnxruntime_session(proto, threads=threads)
+        counts = optimized_op_counts(lambda p: onnxruntime_session(proto, threads=threads, optimized_model_path=p,
+                                                                   int8_units=int8_units), path)
+    session = onnxruntime_session(proto, threads=threads, int8_units=int8_units)
 
     def run(images):
         return session.run(None, {"images": images.numpy()})
 
     return run, counts
+
+
+# Our export in onnxruntime, three ways: label -> (activations, int8_units).
+OUR_EXPORTS = {
+    "onnxruntime, our export": ("int8", False),
+    "onnxruntime, our export, int8 QLinearConv": ("int8", True),
+    "onnxruntime, our export, uint8 QLinearConv": ("uint8", False),
+}
 
 
 def main():
@@ -76,23 +84,25 @@ def main():
     model = seed_model()
     calib = calibration_images(4, args.size)
     ours = build_ours(model, calib, "range_abs_max")
-    ours_ort, ours_counts = build_ours_in_onnxruntime(ours, calib[0], threads)
+    exports = {label: build_ours_in_onnxruntime(ours, calib[0], threads, act, units)
+               for label, (act, units) in OUR_EXPORTS.items()}
     ort_static = build_onnxruntime(model, calib, threads)
-    fns = {"ours static": lambda x, xcl: ours(x), "onnxruntime, our export": lambda x, xcl: ours_ort(x),
-           "onnxruntime, quantize_static": ort_static if isinstance(ort_static, common.Timing)
-           else (lambda x, xcl: ort_static(x)),
-           "float32": (lambda m: lambda x, xcl: m(xcl))(copy.deepcopy(model).to(memory_format=torch.channels_last))}
+    fns = {"ours static": lambda x, xcl: ours(x)}
+    fns.update({label: (lambda run: lambda x, xcl: run(x))(run) for label, (run, _) in exports.items()})
+    fns["onnxruntime, quantize_static"] = (ort_static if isinstance(ort_static, common.Timing)
+                                           else (lambda x, xcl: ort_static(x)))
+    fns["float32"] = (lambda m: lambda x, xcl: m(xcl))(copy.deepcopy(model).to(memory_format=torch.channels_last))
+    sec = common.Section("onnx_export", "MobileNet-SSD %dx%d: our int8 kernels vs onnxruntime running our QDQ "
+                         "export" % (args.size, args.size), ours_label="ours (int8 static)")
     with torch.inference_mode():
         probe = calib[0]
         want = ours(probe)
-        got = ours_ort(probe)
-    diff = max(float((torch.from_numpy(g) - w).abs().max()) for g, w in zip(got, want))
     scale = max(float(w.abs().max()) for w in want)
-    sec = common.Section("onnx_export", "MobileNet-SSD %dx%d: our int8 kernels vs onnxruntime running our QDQ "
-                         "export" % (args.size, args.size), ours_label="ours (int8 static)")
-    sec.notes.append("onnxruntime's optimised graph of our export: %s" % dict(sorted(ours_counts.items())))
-    sec.notes.append("our export vs our int8 kernels on the calibration batch: max |diff| %.3g (max |output| %.3g)"
-                     % (diff, scale))
+    for label, (run, counts) in exports.items():
+        got = run(probe)
+        diff = max(float((torch.from_numpy(g) - w).abs().max()) for g, w in zip(got, want))
+        sec.notes.append("%s: onnxruntime's optimised graph %s; vs our int8 kernels on the calibration batch: "
+                         "max |diff| %.3g (max |output| %.3g)" % (label, dict(sorted(counts.items())), diff, scale))
     sec.notes.append("Memory: %s; %d threads for every runtime; load average at start %s."
                      % (malloc, threads, "%.1f %.1f %.1f" % os.getloadavg()))
     for batch in args.batches:

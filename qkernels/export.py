@@ -1,10 +1,11 @@
 """Leaving PyTorch: ONNX (standard QDQ, run by onnxruntime) and torch.export.
 
 ``export_onnx(model, args, f=None)`` is ``torch.onnx.export(model, args, dynamo=True,
-custom_translation_table=qkernels.onnx_translations())`` plus one clean-up: a QuantizeLinear of a
+custom_translation_table=qkernels.onnx_translations())`` plus two clean-ups: a QuantizeLinear of a
 constant weight (what a transpiled model's fake-quantized weights become) is folded into an int8
 initializer with our rounding (half away from zero), so every quantized weight is an int8 tensor behind
-a DequantizeLinear and its codes are exactly ours. It works for a transpiled model in eval mode, a
+a DequantizeLinear and its codes are exactly ours; and each quantized Conv becomes the node unit that
+onnxruntime runs as QLinearConv (qkernels/onnx_conv_units.py). It works for a transpiled model in eval mode, a
 frozen model (freeze_program) and an int8 model (convert_to_int8); see qkernels/ops/onnx.py for the
 QDQ each op becomes and the bounded rounding-tie difference from PyTorch.
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .onnx_conv_units import fuse_conv_units, to_uint8_activations
 from .ops.onnx import onnx_translations
 
 __all__ = ["export_onnx", "fold_constant_quantize", "onnxruntime_session", "run_onnx"]
@@ -91,11 +93,17 @@ def fold_constant_quantize(model):
 
 
 def export_onnx(model: nn.Module, args: Union[torch.Tensor, Sequence], f: Optional[Union[str, os.PathLike]] = None,
-                **export_kwargs):
+                conv_units: bool = True, activations: str = "int8", **export_kwargs):
     """Export a transpiled (eval mode), frozen or int8 model to ONNX with standard QDQ; returns the
-    onnx.ModelProto and writes it to ``f`` when given. ``export_kwargs`` go to torch.onnx.export
-    (``dynamic_shapes``, ``input_names``...)."""
+    onnx.ModelProto and writes it to ``f`` when given. ``conv_units``: rewrite each quantized Conv into the
+    DequantizeLinear -> Conv -> QuantizeLinear unit that onnxruntime runs as QLinearConv (int32 bias, the
+    activation applied to the codes; see qkernels/onnx_conv_units.py); False keeps the ops' plain
+    translation. ``activations``: "int8" (zero point 0, as our kernels) or "uint8" (code + 128, zero point
+    128: the same values, the form onnxruntime's x86 QLinearConv is fastest at). ``export_kwargs`` go to
+    torch.onnx.export (``dynamic_shapes``, ``input_names``...)."""
     _check_onnx_deps()
+    if activations not in ("int8", "uint8"):
+        raise ValueError("qkernels: activations must be 'int8' or 'uint8', got %r" % (activations,))
     if not isinstance(model, nn.Module):
         raise TypeError("qkernels: export_onnx expects an nn.Module, got %s" % type(model).__name__)
     if model.training:
@@ -107,6 +115,10 @@ def export_onnx(model: nn.Module, args: Union[torch.Tensor, Sequence], f: Option
     export_kwargs.setdefault("verbose", False)
     program = torch.onnx.export(model, args, dynamo=True, custom_translation_table=table, **export_kwargs)
     proto = fold_constant_quantize(program.model_proto)
+    if conv_units:
+        fuse_conv_units(proto)
+    if activations == "uint8":
+        to_uint8_activations(proto)
     if f is not None:
         import onnx
 
@@ -117,9 +129,12 @@ def export_onnx(model: nn.Module, args: Union[torch.Tensor, Sequence], f: Option
 
 
 def onnxruntime_session(model, optimization: str = "all", threads: Optional[int] = None,
-                        optimized_model_path: Optional[str] = None):
+                        optimized_model_path: Optional[str] = None, int8_units: bool = False):
     """An onnxruntime CPU InferenceSession of an onnx.ModelProto (or a path). ``optimization``:
-    'disable', 'basic', 'extended' or 'all' (onnxruntime's graph optimisation levels)."""
+    'disable', 'basic', 'extended' or 'all' (onnxruntime's graph optimisation levels). ``int8_units``:
+    let onnxruntime fuse Conv units with int8 activations into QLinearConv on x86 too (its
+    ``session.qdqisint8allowed``; by default it fuses them only on ARM and runs float Conv on x86, where
+    its int8-activation kernels are slow: export with ``activations="uint8"`` for its fast path)."""
     import onnxruntime as ort
 
     levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -131,6 +146,8 @@ def onnxruntime_session(model, optimization: str = "all", threads: Optional[int]
     options = ort.SessionOptions()
     options.graph_optimization_level = levels[optimization]
     options.log_severity_level = 3
+    if int8_units:
+        options.add_session_config_entry("session.qdqisint8allowed", "1")
     if threads is not None:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1

@@ -142,12 +142,17 @@ def _compare(qat_units: torch.Tensor, dep_units: torch.Tensor, name: str) -> Lay
                        int((diff > 0).sum()), qat_units.numel(), int(diff.max()) if diff.numel() else 0)
 
 
-def _onnx_layer_inputs(model, names: List[str]) -> Dict[str, str]:
-    """layer path -> name of the int8 tensor the layer's Conv / Gemm / MatMul reads (through its
-    DequantizeLinear), found by the exporter's name scopes."""
+def _onnx_layer_inputs(model, names: List[str]) -> Dict[str, Tuple[str, int]]:
+    """layer path -> (name of the code tensor the layer's Conv / Gemm / MatMul reads through its
+    DequantizeLinear, that DequantizeLinear's zero point: 0 for int8 codes, 128 for uint8), found by the
+    exporter's name scopes."""
+    from onnx import numpy_helper
+
+    zero_points = {i.name: int(numpy_helper.to_array(i).reshape(-1)[0]) for i in model.graph.initializer
+                   if i.data_type in (2, 3) and not i.dims}  # scalar uint8 / int8
     producers = {out: node for node in model.graph.node for out in node.output}
     wanted = set(names)
-    found: Dict[str, str] = {}
+    found: Dict[str, Tuple[str, int]] = {}
     for node in model.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or not node.input:
             continue
@@ -162,7 +167,7 @@ def _onnx_layer_inputs(model, names: List[str]) -> Dict[str, str]:
         dq = producers.get(node.input[0])
         if layer is None or layer in found or dq is None or dq.op_type != "DequantizeLinear":
             continue
-        found[layer] = dq.input[0]
+        found[layer] = (dq.input[0], zero_points.get(dq.input[2], 0) if len(dq.input) > 2 else 0)
     return found
 
 
@@ -176,14 +181,15 @@ def _onnx_run(model, names: List[str], batch) -> Tuple[Dict[str, torch.Tensor], 
     taps = _onnx_layer_inputs(model, names)
     probe = copy.deepcopy(model)
     existing = {o.name for o in probe.graph.output}
-    for tensor in taps.values():
+    for tensor, zero_point in taps.values():
         if tensor not in existing:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.INT8, None))
+            kind = onnx.TensorProto.UINT8 if zero_point == 128 else onnx.TensorProto.INT8
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(tensor, kind, None))
             existing.add(tensor)
     session = onnxruntime_session(probe, optimization="disable")
     outputs = run_onnx(session, *batch)
     by_name = dict(zip([o.name for o in session.get_outputs()], outputs))
-    return {layer: by_name[t].double() for layer, t in taps.items()}, outputs[0]
+    return {layer: by_name[t].double() - zp for layer, (t, zp) in taps.items()}, outputs[0]
 
 
 @contextlib.contextmanager

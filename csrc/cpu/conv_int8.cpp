@@ -334,13 +334,27 @@ void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8Co
 
 // --- general conv: per group, GEMM over NHWC patches ------------------------------------------------
 
-// memcpy for the short runs of patch gathering (a library call costs more than a 9-byte copy)
+// memcpy for the short runs of patch gathering (a library call costs more than a 9-byte copy): a run of
+// 4..63 bytes is two fixed-size copies that overlap in the middle (each one unaligned vector move; the
+// stem's 21-byte kernel rows cost more as a byte loop than the product).
 QK_INLINE void copy_bytes(int8_t* dst, const int8_t* src, int64_t n) {
   if (n >= 64) {
     std::memcpy(dst, src, n);
-    return;
+  } else if (n >= 32) {
+    std::memcpy(dst, src, 32);
+    std::memcpy(dst + n - 32, src + n - 32, 32);
+  } else if (n >= 16) {
+    std::memcpy(dst, src, 16);
+    std::memcpy(dst + n - 16, src + n - 16, 16);
+  } else if (n >= 8) {
+    std::memcpy(dst, src, 8);
+    std::memcpy(dst + n - 8, src + n - 8, 8);
+  } else if (n >= 4) {
+    std::memcpy(dst, src, 4);
+    std::memcpy(dst + n - 4, src + n - 4, 4);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
   }
-  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
 }
 
 // Patch rows of one group of a (non-pointwise) conv: row r is output pixel r's taps in (kh, kw, c) order.
