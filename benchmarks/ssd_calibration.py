@@ -54,17 +54,13 @@ def _ensure_dataset(args, log):
     return info
 
 
-def main(argv=None):
-    args = _args(argv)
+def load_experiment(args, log):
+    """(dataset record, labels, test loader, calibration batches, quantization settings, float model) of
+    ``args`` (this script's flags; benchmarks/ssd_sensitivity.py uses the same)."""
     import torch
 
     from ssd import checkpoint as ck
-    from ssd import main_quant
     from ssd.data import IMAGE_SIZE, EvalTransform, VOCDataset, build_datasets, default_image_sets, eval_loader
-    from ssd.engine import evaluate as evaluate_map
-
-    def log(msg):
-        print(msg, flush=True)
 
     torch.manual_seed(0)
     dataset = _ensure_dataset(args, log)
@@ -77,9 +73,24 @@ def main(argv=None):
         calib.append(batch.images)
         if len(calib) == args.calib_batches:
             break
-    device = torch.device("cpu")
     quant = {"act_quant_type": args.act_quant_type, "weight_quant_type": args.weight_quant_type, "fold_bn": False}
     float_model = ck.model_from_checkpoint(ck.read_checkpoint(args.init_model)).eval()
+    return dataset, labels, test_loader, calib, quant, float_model
+
+
+def main(argv=None):
+    args = _args(argv)
+    import torch
+
+    from ssd import checkpoint as ck
+    from ssd import main_quant
+    from ssd.engine import evaluate as evaluate_map
+
+    def log(msg):
+        print(msg, flush=True)
+
+    dataset, labels, test_loader, calib, quant, float_model = load_experiment(args, log)
+    device = torch.device("cpu")
     rows, load = [], [os.getloadavg()]
 
     def evaluate(name, model, seconds=None):

@@ -100,3 +100,36 @@ def test_mobilenet_ssd_feature_maps_are_chained():
     assert sum(reads_codes) == len(convs) - 1 == 46  # every conv but the stem reads int8 codes
     for a, b in zip(want, got):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["range_abs_max", "abs_max"])
+def test_cached_call_equals_the_plain_path_bit_for_bit(kind, monkeypatch):
+    """Int8 layers call their op from a cache built with the epilogue (no module attribute lookups); the plain
+    path (what tracing takes) must give the same bits: chained, float-in, dynamic, pickled, after refresh."""
+    import io
+
+    _frozen, _plain, traced = converted(SharedMap(), kind)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+    layer = next(m for m in traced.modules() if isinstance(m, Int8Conv2d))
+    with torch.no_grad():
+        cached = traced(x)
+        alone = layer(x)  # outside the model's call: a chained layer writes floats
+        buf = io.BytesIO()
+        torch.save(traced, buf)
+        buf.seek(0)
+        reloaded = torch.load(buf, weights_only=False)(x)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert all(m.__dict__.get("_call") is not None for m in traced.modules() if isinstance(m, Int8Conv2d))
+        plain = traced(x)
+        plain_alone = layer(x)
+    assert alone.dtype == torch.float32 and torch.equal(alone, plain_alone)
+    for a, b, c in zip(cached, plain, reloaded):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    monkeypatch.undo()
+    head = traced.heads[0]
+    assert isinstance(head, Int8Conv2d) and head.activation is None and not head.chained
+    with torch.no_grad():  # a changed structure is picked up (fuse_activation refreshes)
+        head.fuse_activation("relu")
+        after = traced(x)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert torch.equal(after[0], traced(x)[0]) and torch.equal(after[0], cached[0].clamp_min(0))

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .. import ops as qk
+from .._library import ops as _ops
 from ..ops.fake_quant import bin_count
 
 ACTIVATIONS = (None, "relu", "relu6")
@@ -136,6 +137,7 @@ class _Int8Layer(nn.Module):
         self._epilogue_scale = scale.contiguous()
         self._epilogue_bias = None if bias is None else bias.contiguous()
         self._pack_weight()
+        self._build_call()
 
     def _pack_weight(self) -> None:
         """Layers with a packed form of their weights (Int8Conv2d) pack them here: when built, loaded and moved."""
@@ -145,7 +147,63 @@ class _Int8Layer(nn.Module):
         result = super()._apply(fn, recurse)
         if self.weight is not None and self.weight.dtype == torch.int8:
             self._pack_weight()
+            self._build_call()
         return result
+
+    # --- the call outside tracing -----------------------------------------------------------------
+
+    def _build_call(self) -> None:
+        """What forward hands the op, as one plain attribute (not buffers): a call then reads no module
+        attribute through nn.Module.__getattr__ and skips the op wrapper's argument checks, done here
+        once. At batch 1 that overhead was a tenth of a small model's time. Rebuilt with the epilogue;
+        tracing (torch.export, torch.compile, ONNX) takes the plain path, which reads the buffers."""
+        self.__dict__.pop("_call", None)
+        if self.weight is None or self.weight.dtype != torch.int8:
+            return
+        codes = (self._epilogue_scale, self._epilogue_bias, self._out_dtype(), self.activation or "none")
+        floats = (self._float_scale, self._float_bias, torch.float32, self.float_activation or "none")
+        self.__dict__["_call"] = (self.output_scale is not None, codes, floats, self.input_scale,
+                                  self.activation_bits, self.weight.device) + self._op_args()
+
+    def _op_args(self) -> tuple:
+        """The layer's fixed op arguments after the input (Int8Conv2d: weight, packed, stride...)."""
+        return ()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_call", None)  # references to buffers: rebuilt on first use after unpickling
+        return state
+
+    def _fast_call(self, x: torch.Tensor):
+        """(codes, scale, bias, out dtype, activation, op arguments) from the cache, or None where the
+        plain path must run (tracing, another device)."""
+        if torch.compiler.is_compiling():
+            return None
+        call = self.__dict__.get("_call")
+        if call is None:  # unpickled: rebuilt once
+            self._build_call()
+            call = self.__dict__.get("_call")
+            if call is None:
+                return None
+        chained, codes, floats, input_scale, bits, device = call[:6]
+        if x.device != device:
+            return None
+        scope = self.chain_scope
+        scale, bias, out_dtype, activation = floats if chained and not (scope is None or scope.active) else codes
+        if x.dtype != torch.int8:
+            nhwc = x.dim() == 4
+            if nhwc:  # as _input_codes: channels-last, quantized through the NHWC view
+                if not x.is_contiguous(memory_format=torch.channels_last):
+                    x = x.contiguous(memory_format=torch.channels_last)
+                x = x.permute(0, 2, 3, 1)
+            if input_scale is not None:
+                x = qk.quantize_with_scale(x, input_scale, bits)
+            else:
+                x, s = qk.quantize_abs_max(x, bits)
+                scale = s * scale
+            if nhwc:
+                x = x.permute(0, 3, 1, 2)
+        return (x, scale, bias, out_dtype, activation) + call[6:]
 
     def _writes_codes(self) -> bool:
         """Chained, and inside a call of the model the chaining was decided for (when one was given)."""
@@ -266,7 +324,16 @@ class Int8Conv2d(_Int8Layer):
     def _pack_weight(self) -> None:
         self._packed_weight = qk.pack_conv2d_int8_weight(self.weight, self.groups)
 
+    def _op_args(self) -> tuple:
+        return (self.weight, self._packed_weight, [int(v) for v in self.stride], [int(v) for v in self.padding],
+                [int(v) for v in self.dilation], int(self.groups))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self._fast_call(x)
+        if fast is not None:
+            codes, scale, bias, out_dtype, activation, weight, packed, stride, padding, dilation, groups = fast
+            return _ops.conv2d_int8_packed(codes, weight, packed, bias, stride, padding, dilation, groups, scale,
+                                           out_dtype, activation)
         codes, scale = self._input_codes(x)
         _scale, bias, out_dtype, activation = self._epilogue()
         return qk.conv2d_int8_packed(codes, self.weight, self._packed_weight, bias, self.stride, self.padding,
@@ -286,7 +353,14 @@ class Int8Linear(_Int8Layer):
         new.refresh()
         return new
 
+    def _op_args(self) -> tuple:
+        return (self.weight,)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self._fast_call(x)
+        if fast is not None:
+            codes, scale, bias, out_dtype, activation, weight = fast
+            return _ops.linear_int8(codes, weight, bias, scale, out_dtype, activation)
         codes, scale = self._input_codes(x)
         _scale, bias, out_dtype, activation = self._epilogue()
         return qk.linear_int8(codes, self.weight, bias, scale, out_dtype, activation)
