@@ -209,6 +209,20 @@ def conv_label(name, m):
     return "%s %s %d->%d s%d" % (name, kind, m.in_channels, m.out_channels, m.stride[0])
 
 
+def as_in_its_model(layer):
+    """layer(x) as the converted model calls it: inside its chain scope, so a chained layer writes int8 codes
+    (called alone it writes the floats they stand for, four times the bytes: not what runs in the model)."""
+    scope = layer.chain_scope
+    if scope is None:
+        return lambda x: layer(x)
+
+    def run(x):
+        with scope:
+            return layer(x)
+
+    return run
+
+
 def bench_layers(args, device, ours_model, ao_model, batch, size):
     example = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(11))
     ours_mods = dict(int8_convs(ours_model))
@@ -217,9 +231,10 @@ def bench_layers(args, device, ours_model, ao_model, batch, size):
     ao_in = captured_inputs(ao_model, ao_mods, example)
     sec = common.Section("int8_layers_b%d" % batch, "Every conv of the int8 model, batch %d: ours vs torch.ao" % batch,
                          ours_label="ours (int8 static)")
-    sec.notes.append("Each layer on the input it gets inside its model: ours int8 codes where the producer is "
-                     "chained (else float, quantized inside the layer: marked 'float in'), torch.ao quint8; "
-                     "map size is the layer's input.")
+    sec.notes.append("Each layer on the input it gets inside its model, writing what it writes there: ours int8 "
+                     "codes in where the producer is chained (else float, quantized inside the layer: marked "
+                     "'float in') and int8 codes out where it is chained itself, torch.ao quint8; map size is "
+                     "the layer's input.")
     ratios = []
     for name, mod in ours_mods.items():
         x = ours_in.get(name)
@@ -227,7 +242,7 @@ def bench_layers(args, device, ours_model, ao_model, batch, size):
             continue
         peer = ao_mods.get(name)
         peers = {}
-        fns = {"ours": (lambda m: lambda t: m(t))(mod)}
+        fns = {"ours": as_in_its_model(mod)}
         if peer is not None and name in ao_in:
             fns["torch.ao"] = (lambda m, t: lambda _: m(t))(peer, ao_in[name])
         with torch.inference_mode():

@@ -15,7 +15,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "cpu/int8_gemm_avx2.h"
@@ -141,13 +143,13 @@ bool pairs_rows(const Int8ConvShape& s) { return s.sh == 1 && s.dh == 1 && s.kh 
 // (stride 1, undilated, kh <= 3), the second with w_next: half the interleaving work per output row.
 template <int KIND, int ACT, int KW, bool PAIR>
 QK_TARGET_AVX2 bool depthwise_row(const int8_t* x, const Weights& wv, const Int8ConvShape& s, void* out, int8_t* buf,
-                                  int64_t b, int64_t oh) {
+                                  int64_t b, int64_t oh, int64_t blk0, int64_t blk1) {
   const int64_t kw = KW > 0 ? KW : s.kw;
   const bool second = PAIR && oh + 1 < s.OH;
   const int64_t esize = KIND == kOutInt8 ? 1 : 4;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i seen = _mm256_setzero_si256();
-  for (int64_t blk = 0; blk < wv.blocks; ++blk) {
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
     const int64_t c0 = blk * kLanes, cn = std::min(kLanes, s.C - c0);
     const int8_t* rows[kRows];
     for (int64_t i = 0; i < kRows; ++i) {
@@ -195,31 +197,31 @@ QK_TARGET_AVX2 bool depthwise_row(const int8_t* x, const Weights& wv, const Int8
 
 template <int KIND, int ACT>
 bool depthwise_row_act(const int8_t* x, const Weights& wv, const Int8ConvShape& s, void* out, int8_t* buf, int64_t b,
-                       int64_t oh) {
+                       int64_t oh, int64_t blk0, int64_t blk1) {
   if (pairs_rows(s)) {
-    if (s.kw == 3) return depthwise_row<KIND, ACT, 3, true>(x, wv, s, out, buf, b, oh);
-    return depthwise_row<KIND, ACT, 0, true>(x, wv, s, out, buf, b, oh);
+    if (s.kw == 3) return depthwise_row<KIND, ACT, 3, true>(x, wv, s, out, buf, b, oh, blk0, blk1);
+    return depthwise_row<KIND, ACT, 0, true>(x, wv, s, out, buf, b, oh, blk0, blk1);
   }
-  if (s.kw == 3) return depthwise_row<KIND, ACT, 3, false>(x, wv, s, out, buf, b, oh);
-  return depthwise_row<KIND, ACT, 0, false>(x, wv, s, out, buf, b, oh);
+  if (s.kw == 3) return depthwise_row<KIND, ACT, 3, false>(x, wv, s, out, buf, b, oh, blk0, blk1);
+  return depthwise_row<KIND, ACT, 0, false>(x, wv, s, out, buf, b, oh, blk0, blk1);
 }
 
 template <int KIND>
 bool depthwise_row_kind(const int8_t* x, const Weights& wv, const Int8ConvShape& s, void* out, int8_t* buf, int64_t b,
-                        int64_t oh) {
+                        int64_t oh, int64_t blk0, int64_t blk1) {
   switch (s.act) {
-    case kActRelu: return depthwise_row_act<KIND, kActRelu>(x, wv, s, out, buf, b, oh);
-    case kActRelu6: return depthwise_row_act<KIND, kActRelu6>(x, wv, s, out, buf, b, oh);
-    default: return depthwise_row_act<KIND, kActNone>(x, wv, s, out, buf, b, oh);
+    case kActRelu: return depthwise_row_act<KIND, kActRelu>(x, wv, s, out, buf, b, oh, blk0, blk1);
+    case kActRelu6: return depthwise_row_act<KIND, kActRelu6>(x, wv, s, out, buf, b, oh, blk0, blk1);
+    default: return depthwise_row_act<KIND, kActNone>(x, wv, s, out, buf, b, oh, blk0, blk1);
   }
 }
 
 bool depthwise_row_any(const int8_t* x, const Weights& wv, const Int8ConvShape& s, void* out, int8_t* buf, int64_t b,
-                       int64_t oh) {
+                       int64_t oh, int64_t blk0, int64_t blk1) {
   switch (s.out_kind) {
-    case kOutInt32: return depthwise_row_kind<kOutInt32>(x, wv, s, out, buf, b, oh);
-    case kOutInt8: return depthwise_row_kind<kOutInt8>(x, wv, s, out, buf, b, oh);
-    default: return depthwise_row_kind<kOutFloat>(x, wv, s, out, buf, b, oh);
+    case kOutInt32: return depthwise_row_kind<kOutInt32>(x, wv, s, out, buf, b, oh, blk0, blk1);
+    case kOutInt8: return depthwise_row_kind<kOutInt8>(x, wv, s, out, buf, b, oh, blk0, blk1);
+    default: return depthwise_row_kind<kOutFloat>(x, wv, s, out, buf, b, oh, blk0, blk1);
   }
 }
 
@@ -231,14 +233,30 @@ void depthwise_avx2(const int8_t* x, const int8_t* w, const Int8ConvShape& s, co
                     void* out, DepthwiseRowFallback fallback) {
   const Weights wv(w, s, scale, bias);
   const int64_t ncols = (kSegment - 1) * s.sw + (s.kw - 1) * s.dw + 1;
-  const int64_t step = pairs_rows(s) ? 2 : 1, per_image = (s.OH + step - 1) / step;
-  at::parallel_for(0, s.N * per_image, 1, [&](int64_t r0, int64_t r1) {
+  const int64_t step = pairs_rows(s) ? 2 : 1, per_image = (s.OH + step - 1) / step, rows = s.N * per_image;
+  // Few rows (batch 1, a 10x10 map: 5 row pairs for 2 threads, one of them idle 40% of the time): the
+  // channel blocks are split too, so that there are about 4 work items per thread.
+  const int64_t want = 4 * at::get_num_threads();
+  const int64_t per_part = rows >= want ? wv.blocks : std::max<int64_t>(1, (wv.blocks * rows + want - 1) / want);
+  const int64_t parts = (wv.blocks + per_part - 1) / per_part;
+  // Rows with a negative input are recomputed exactly afterwards; several parts of a row may flag it.
+  std::unique_ptr<std::atomic<uint8_t>[]> redo(new std::atomic<uint8_t>[rows]);
+  for (int64_t r = 0; r < rows; ++r) redo[r].store(0, std::memory_order_relaxed);
+  at::parallel_for(0, rows * parts, 1, [&](int64_t i0, int64_t i1) {
     std::vector<int8_t> mem(ncols * kColumn + 32);
     int8_t* buf = mem.data() + (32 - reinterpret_cast<uintptr_t>(mem.data()) % 32) % 32;
-    for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / parts, part = i % parts;
       const int64_t b = r / per_image, oh = (r % per_image) * step;
-      if (!depthwise_row_any(x, wv, s, out, buf, b, oh))
-        for (int64_t o = oh; o < std::min(oh + step, s.OH); ++o) fallback(b, o);
+      const int64_t blk0 = part * per_part, blk1 = std::min(wv.blocks, blk0 + per_part);
+      if (!depthwise_row_any(x, wv, s, out, buf, b, oh, blk0, blk1)) redo[r].store(1, std::memory_order_relaxed);
+    }
+  });
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (!redo[r].load(std::memory_order_relaxed)) continue;
+      const int64_t b = r / per_image, oh = (r % per_image) * step;
+      for (int64_t o = oh; o < std::min(oh + step, s.OH); ++o) fallback(b, o);
     }
   });
 }
