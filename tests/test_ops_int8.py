@@ -65,6 +65,7 @@ CONV_CASES = [
     ("groups 2", 1, 12, 6, 5, 10, 3, 1, 1, 1, 2),
     ("dilation 2 padding 2", 3, 8, 10, 9, 12, 3, 1, 2, 2, 1),
     ("depthwise dilation 2", 1, 16, 9, 8, 16, 3, 1, 2, 2, 16),
+    ("depthwise few rows, channel blocks split", 1, 200, 5, 6, 200, 3, 1, 1, 1, 200),
     ("5x5 stride 3 odd K", 2, 5, 13, 11, 7, 5, 3, 2, 1, 1),
     ("no padding valid", 1, 4, 4, 4, 3, 3, 1, 0, 1, 1),
     ("rectangular kernel and stride", 1, 6, 9, 8, 9, (3, 1), (2, 1), (1, 0), 1, 1),
