@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import qkernels
+from small_nets import small_net as shared_small_net
 from qkernels import FloatCheckpointWarning, QuantizeTranspiler
 from qkernels.calibration import _Histogram
 from qkernels.nn import FakeQuantRangeAbsMax, QuantConv2d, QuantLinear
@@ -21,17 +22,7 @@ from qkernels.nn.int8_layers import Int8Conv2d
 
 
 def small_net(seed=0):
-    torch.manual_seed(seed)
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 6, 1), nn.Flatten(), nn.Linear(6 * 4 * 4, 5))
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    return net.eval()
+    return shared_small_net(seed, nn.ReLU).eval()
 
 
 def images(n=4, seed=1):
