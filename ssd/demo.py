@@ -22,7 +22,8 @@ from pathlib import Path
 DATASET = {"seed": 0, "train": 320, "test": 80}
 # The test batch is --batch_size (the reference's default); it moves the dynamic model's mAP.
 COMMON = ["--batch_size", "8", "--num_workers", "1", "--augment", "light", "--seed", "0", "--use_gpu", "false"]
-# About 10 minutes on an otherwise idle 2-core CPU (fp32 ~30 s per epoch, QAT ~37 s per epoch).
+# About 20 minutes on an otherwise idle 2-core AMD EPYC VM (fp32 ~55 s per epoch, QAT ~70 s per epoch with its
+# tests); about 10 on an earlier 2-core Intel machine.
 # The float model trains from scratch, so its body trains at the full rate (the reference's 0.1x is for
 # fine-tuning an ImageNet body); the QAT runs fine-tune with the reference's recipe as it is.
 FP32 = ["--act_quant_type", "none", "--epoc_num", "14", "--learning_rate", "0.001", "--lr_epochs", "11",
