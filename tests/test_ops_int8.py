@@ -67,6 +67,8 @@ CONV_CASES = [
     ("depthwise dilation 2", 1, 16, 9, 8, 16, 3, 1, 2, 2, 16),
     ("depthwise few rows, channel blocks split", 1, 200, 5, 6, 200, 3, 1, 1, 1, 200),
     ("5x5 stride 3 odd K", 2, 5, 13, 11, 7, 5, 3, 2, 1, 1),
+    ("7x7 stem 3->16 s2 (21-byte kernel rows)", 1, 3, 17, 16, 16, 7, 2, 3, 1, 1),
+    ("kernel rows dilated (2, 1), short runs", 2, 3, 11, 10, 8, 3, 1, (2, 1), (2, 1), 1),
     ("no padding valid", 1, 4, 4, 4, 3, 3, 1, 0, 1, 1),
     ("rectangular kernel and stride", 1, 6, 9, 8, 9, (3, 1), (2, 1), (1, 0), 1, 1),
     ("K >= 64 on a tail of columns", 1, 80, 5, 7, 40, 1, 1, 0, 1, 1),

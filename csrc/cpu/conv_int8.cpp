@@ -433,6 +433,25 @@ QK_TARGET_AVX512 void gather_patches_short_runs(const PatchSource& ps, int64_t r
   }
 }
 
+// The same for AVX2: an interior kernel row's run (kw*C < 64 bytes: the stem's 9 or 21) is copied by
+// copy_bytes' two overlapping moves, with the pixel's bounds tested once instead of per kernel row.
+void gather_patches_short_runs_avx2(const PatchSource& ps, int64_t r0, int64_t n, int8_t* dst, int64_t ld) {
+  const Int8ConvShape& s = *ps.s;
+  const int64_t run = s.kw * s.C;
+  PixelCursor px(s, r0);
+  for (int64_t i = 0; i < n; ++i, px.next(s)) {
+    const int64_t iw0 = px.ow * s.sw - s.pw, ih0 = px.oh * s.sh - s.ph;
+    const bool inside = iw0 >= 0 && iw0 + s.kw <= s.W && ih0 >= 0 && ih0 + (s.kh - 1) * s.dh < s.H;
+    int8_t* d = dst + i * ld;
+    if (!inside) {
+      for (int64_t ki = 0; ki < s.kh; ++ki) gather_kernel_row(ps, px.b, ih0 + ki * s.dh, iw0, d + ki * run);
+      continue;
+    }
+    const int8_t* src = ps.x + ((px.b * s.H + ih0) * s.W + iw0) * s.C;
+    for (int64_t ki = 0; ki < s.kh; ++ki) copy_bytes(d + ki * run, src + ki * s.dh * s.W * s.C, run);
+  }
+}
+
 // --- weights in patch order ---------------------------------------------------------------------
 
 // n weight rows [Cg][T] -> [T][Cg] (T = kh*kw taps; rows ld bytes apart in dst) for Cg % 8 == 0 and
@@ -485,6 +504,7 @@ void grouped_gemm_conv(const at::Tensor& xc, const at::Tensor& weight, const Int
   const int8_t* xp = xc.data_ptr<int8_t>();
   const bool pointwise = s.kh == 1 && s.kw == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0;
   const bool short_runs = int8_vector_isa(isa) == Isa::kAvx512 && s.groups == 1 && s.dw == 1 && s.kw * Cg <= 64;
+  const bool short_runs_avx2 = !short_runs && s.groups == 1 && s.dw == 1 && s.kw * Cg < 64;
   for (int64_t g = 0; g < s.groups; ++g) {
     auto patch_rows = [&](int64_t r0, int64_t n, int8_t* dst, int64_t ld) {
       if (pointwise) {
@@ -494,6 +514,8 @@ void grouped_gemm_conv(const at::Tensor& xc, const at::Tensor& weight, const Int
       const PatchSource ps{xp, &s, g, Cg};
       if (short_runs)
         gather_patches_short_runs(ps, r0, n, dst, ld);
+      else if (short_runs_avx2)
+        gather_patches_short_runs_avx2(ps, r0, n, dst, ld);
       else
         gather_patches(ps, r0, n, dst, ld);
     };
