@@ -78,6 +78,20 @@ def load_experiment(args, log):
     return dataset, labels, test_loader, calib, quant, float_model
 
 
+def log(msg):
+    print(msg, flush=True)
+
+
+def write_report(out: Path, lines, record) -> None:
+    """``out``.md (the table lines) and ``out``.json (the record), each written atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".md", "\n".join(lines) + "\n"), (".json", json.dumps(record, indent=1))):
+        tmp = out.with_suffix(suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out.with_suffix(suffix))
+    print("\n".join(lines))
+
+
 def main(argv=None):
     args = _args(argv)
     import torch
@@ -85,9 +99,6 @@ def main(argv=None):
     from ssd import checkpoint as ck
     from ssd import main_quant
     from ssd.engine import evaluate as evaluate_map
-
-    def log(msg):
-        print(msg, flush=True)
 
     dataset, labels, test_loader, calib, quant, float_model = load_experiment(args, log)
     device = torch.device("cpu")
@@ -137,15 +148,7 @@ def main(argv=None):
     for r in rows:
         lines.append("| %s | %.4f | %+.4f | %s |" % (r["variant"], r["map"], r["map"] - float_map,
                                                    "" if r["prep_s"] is None else "%.0f" % r["prep_s"]))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".md", "\n".join(lines) + "\n"),
-                         (".json", json.dumps({"args": vars(args), "dataset": dataset, "load": load, "rows": rows},
-                                              indent=1))):
-        tmp = out.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out.with_suffix(suffix))
-    print("\n".join(lines))
+    write_report(Path(args.out), lines, {"args": vars(args), "dataset": dataset, "load": load, "rows": rows})
 
 
 if __name__ == "__main__":

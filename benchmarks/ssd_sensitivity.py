@@ -8,12 +8,11 @@ model with the worst group kept float (``report.skip_pattern(1)``). Writes a mar
 
     python -m benchmarks.ssd_sensitivity --init_model demo/models/fp32/best.pt --data_dir data/synthetic
 """
-import json
 import os
 import time
 from pathlib import Path
 
-from .ssd_calibration import _args, load_experiment
+from .ssd_calibration import _args, load_experiment, log, write_report
 
 GROUPS = {  # prefix -> group; every quantized layer belongs to exactly one
     "stem (body_19.0)": ("body_19.0.",),
@@ -41,9 +40,6 @@ def main(argv=None):
     import qkernels
     from ssd import checkpoint as ck
     from ssd.engine import evaluate as evaluate_map
-
-    def log(msg):
-        print(msg, flush=True)
 
     dataset, labels, test_loader, calib, quant, float_model = load_experiment(args, log)
     device = torch.device("cpu")
@@ -87,17 +83,11 @@ def main(argv=None):
         lines.append("| everything but %s | %d | %.4f | %+.4f |" % (
             report.rows[0].group, total - len(report.rows[0].layers), report.worst_kept_float_metric,
             report.worst_kept_float_metric - report.float_metric))
-    out = Path(str(args.out).replace("ssd_calibration", "ssd_sensitivity"))
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {"args": vars(args), "dataset": dataset, "load": load, "seconds": seconds,
               "float": report.float_metric, "quantized": report.quantized_metric,
               "worst_kept_float": report.worst_kept_float_metric,
               "rows": [{"group": r.group, "layers": r.layers, "map": r.metric, "drop": r.drop} for r in report.rows]}
-    for suffix, text in ((".md", "\n".join(lines) + "\n"), (".json", json.dumps(record, indent=1))):
-        tmp = out.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out.with_suffix(suffix))
-    print("\n".join(lines))
+    write_report(Path(str(args.out).replace("ssd_calibration", "ssd_sensitivity")), lines, record)
 
 
 if __name__ == "__main__":
