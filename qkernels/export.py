@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .onnx_conv_units import fuse_conv_units, to_uint8_activations
+from .onnx_graph import constant_values, drop_unused_initializers
 from .ops.onnx import onnx_translations
 
 __all__ = ["export_onnx", "fold_constant_quantize", "onnxruntime_session", "run_onnx"]
@@ -36,17 +37,6 @@ def _importable(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
-
-
-def _constants(graph):
-    """name -> numpy array for the graph's initializers and Constant nodes."""
-    from onnx import numpy_helper
-
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
 
 
 def _quantize_half_away(x: np.ndarray, step: np.ndarray, axis: Optional[int], low: int, high: int) -> np.ndarray:
@@ -66,7 +56,7 @@ def fold_constant_quantize(model):
     from onnx import numpy_helper
 
     graph = model.graph
-    values = _constants(graph)
+    values = constant_values(graph)
     keep, added = [], []
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or not all(name in values for name in node.input if name):
@@ -85,10 +75,7 @@ def fold_constant_quantize(model):
         del graph.node[:]
         graph.node.extend(keep)
         graph.initializer.extend(added)
-        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-        unused = [init for init in graph.initializer if init.name not in used]
-        for init in unused:
-            graph.initializer.remove(init)
+        drop_unused_initializers(graph)
     return model
 
 

@@ -22,23 +22,15 @@ output) are left as they are.
 ``to_uint8_activations`` then optionally stores the activation codes as uint8 with zero point 128.
 """
 from collections import defaultdict
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
+
+from .onnx_graph import constant_values, drop_unused_initializers
 
 __all__ = ["fuse_conv_units", "to_uint8_activations"]
 
 _INT32 = np.iinfo(np.int32)
-
-
-def _constant_values(graph) -> Dict[str, np.ndarray]:
-    from onnx import numpy_helper
-
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
 
 
 class _Graph:
@@ -47,7 +39,7 @@ class _Graph:
     def __init__(self, graph):
         self.graph = graph
         self.nodes = list(graph.node)  # these wrappers throughout, so that id(node) stays one node's
-        self.values = _constant_values(graph)
+        self.values = constant_values(graph)
         self.producer = {out: node for node in self.nodes for out in node.output}
         self.uses = defaultdict(int)
         for node in self.nodes:
@@ -251,9 +243,7 @@ def fuse_conv_units(model) -> int:
     model.graph.node.extend(nodes)
     for vi in [vi for vi in model.graph.value_info if vi.name in gone]:
         model.graph.value_info.remove(vi)
-    used = {name for n in nodes for name in n.input} | {o.name for o in model.graph.output}
-    for init in [i for i in model.graph.initializer if i.name not in used]:
-        model.graph.initializer.remove(init)
+    drop_unused_initializers(model.graph)
     return len(units)
 
 
@@ -294,7 +284,5 @@ def to_uint8_activations(model) -> int:
     for vi in list(model.graph.value_info) + list(model.graph.output):
         if vi.name in codes and vi.type.tensor_type.elem_type == TensorProto.INT8:
             vi.type.tensor_type.elem_type = TensorProto.UINT8
-    used = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
-    for init in [i for i in model.graph.initializer if i.name not in used]:
-        model.graph.initializer.remove(init)
+    drop_unused_initializers(model.graph)
     return changed

@@ -17,7 +17,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
-#include <memory>
 #include <vector>
 
 #include "cpu/int8_gemm_avx2.h"
@@ -240,8 +239,7 @@ void depthwise_avx2(const int8_t* x, const int8_t* w, const Int8ConvShape& s, co
   const int64_t per_part = rows >= want ? wv.blocks : std::max<int64_t>(1, (wv.blocks * rows + want - 1) / want);
   const int64_t parts = (wv.blocks + per_part - 1) / per_part;
   // Rows with a negative input are recomputed exactly afterwards; several parts of a row may flag it.
-  std::unique_ptr<std::atomic<uint8_t>[]> redo(new std::atomic<uint8_t>[rows]);
-  for (int64_t r = 0; r < rows; ++r) redo[r].store(0, std::memory_order_relaxed);
+  std::vector<std::atomic<uint8_t>> redo(rows);  // value-initialized: 0
   at::parallel_for(0, rows * parts, 1, [&](int64_t i0, int64_t i1) {
     std::vector<int8_t> mem(ncols * kColumn + 32);
     int8_t* buf = mem.data() + (32 - reinterpret_cast<uintptr_t>(mem.data()) % 32) % 32;

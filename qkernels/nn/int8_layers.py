@@ -190,19 +190,7 @@ class _Int8Layer(nn.Module):
             return None
         scope = self.chain_scope
         scale, bias, out_dtype, activation = floats if chained and not (scope is None or scope.active) else codes
-        if x.dtype != torch.int8:
-            nhwc = x.dim() == 4
-            if nhwc:  # as _input_codes: channels-last, quantized through the NHWC view
-                if not x.is_contiguous(memory_format=torch.channels_last):
-                    x = x.contiguous(memory_format=torch.channels_last)
-                x = x.permute(0, 2, 3, 1)
-            if input_scale is not None:
-                x = qk.quantize_with_scale(x, input_scale, bits)
-            else:
-                x, s = qk.quantize_abs_max(x, bits)
-                scale = s * scale
-            if nhwc:
-                x = x.permute(0, 3, 1, 2)
+        x, scale = _input_codes(x, input_scale, bits, scale)
         return (x, scale, bias, out_dtype, activation) + call[6:]
 
     def _writes_codes(self) -> bool:
@@ -217,25 +205,7 @@ class _Int8Layer(nn.Module):
 
     def _input_codes(self, x: torch.Tensor):
         """(int8 codes, scale factor for the epilogue)."""
-        epilogue_scale = self._epilogue()[0]
-        if x.dtype == torch.int8:  # codes from a chained previous layer, already in this layer's scale
-            return x, epilogue_scale
-        if x.dim() == 4:
-            # The kernels read NHWC. conv2d_int8 returns channels-last; a float NCHW input (a model's own
-            # input) is made so here, as torch's float transpose is several times faster than one of int8
-            # codes. Quantizing is elementwise: the contiguous NHWC view is quantized and handed back as a
-            # channels-last view, no layout copies on either side.
-            if not x.is_contiguous(memory_format=torch.channels_last):
-                x = x.contiguous(memory_format=torch.channels_last)
-            codes, scale = self._quantize(x.permute(0, 2, 3, 1), epilogue_scale)
-            return codes.permute(0, 3, 1, 2), scale
-        return self._quantize(x, epilogue_scale)
-
-    def _quantize(self, x: torch.Tensor, epilogue_scale: torch.Tensor):
-        if self.static:
-            return qk.quantize_with_scale(x, self.input_scale, self.activation_bits), epilogue_scale
-        codes, s = qk.quantize_abs_max(x, self.activation_bits)
-        return codes, s * epilogue_scale
+        return _input_codes(x, self.input_scale, self.activation_bits, self._epilogue()[0])
 
     def _out_dtype(self) -> torch.dtype:
         return torch.int8 if self.output_scale is not None else torch.float32
@@ -295,6 +265,28 @@ class _Int8Layer(nn.Module):
         if self.output_scale is not None:
             parts.append("int8 out")
         return ", ".join(parts)
+
+
+def _input_codes(x: torch.Tensor, input_scale: Optional[torch.Tensor], bits: int, epilogue_scale: torch.Tensor):
+    """(int8 codes of a layer's input, the epilogue scale for them). Codes from a chained previous layer are
+    already in this layer's scale; a float input is quantized with the static ``input_scale`` (None: the
+    batch abs max, which then scales the epilogue). The kernels read NHWC and conv2d_int8 returns
+    channels-last; a float NCHW input (a model's own input) is made so here, as torch's float transpose is
+    several times faster than one of int8 codes. Quantizing is elementwise: the contiguous NHWC view is
+    quantized and handed back as a channels-last view, no layout copies on either side."""
+    if x.dtype == torch.int8:
+        return x, epilogue_scale
+    nhwc = x.dim() == 4
+    if nhwc:
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.permute(0, 2, 3, 1)
+    if input_scale is not None:
+        codes = qk.quantize_with_scale(x, input_scale, bits)
+    else:
+        codes, s = qk.quantize_abs_max(x, bits)
+        epilogue_scale = s * epilogue_scale
+    return (codes.permute(0, 3, 1, 2) if nhwc else codes), epilogue_scale
 
 
 def _int_pair(padding, kernel_size, stride, dilation):
