@@ -14,7 +14,8 @@ Batch 1 and 8, torch.inference_mode, the models' samples interleaved (common.mea
 
 Then every conv, ours against torch.ao's counterpart (same module path), each on the input it gets
 inside its model (captured by a forward pre-hook), interleaved: which layers are ahead and behind.
-The table also counts the convs whose input arrives as int8 codes (chained) in our static model.
+The table also counts the convs whose input arrives as int8 codes (chained) in our static model, and the
+convs of our dynamic model that quantize with the abs max their producer handed over.
 
 Freed memory is kept in the process heap (glibc mallopt, see keep_freed_memory) for every model alike,
 so that page faults of fresh allocations do not dominate; the setting is recorded with the tables.
@@ -181,6 +182,27 @@ def chained_counts(model, example):
     return sum(dt == torch.int8 for dt in seen.values()), len(convs)
 
 
+def handed_counts(model, example) -> int:
+    """Convs of a dynamic model whose input's abs max its producer handed over, in one forward of `model`."""
+    from qkernels.nn.int8_chain import ChainScope
+
+    convs = int8_convs(model)
+    scope = next((m.chain_scope for _, m in convs if m.chain_scope is not None), None)
+    if scope is None:
+        return 0
+    handed = set()
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, args, name=name: handed.add(name) if ChainScope.handed_abs_max(scope, args[0]) is not None else None)
+        for name, m in convs]
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return len(handed)
+
+
 # --- per layer -----------------------------------------------------------------------------------
 
 def captured_inputs(model, modules, example):
@@ -331,9 +353,12 @@ def main():
         except Exception as exc:  # recorded in the table, the run goes on
             models["onnxruntime"] = common.Timing(error=common.error_text(exc))
     chained, total = chained_counts(models["ours static"], calib[0])
+    handed = handed_counts(models["ours dynamic"], calib[0])
     notes = [
         "ours static: range_abs_max, BN folded, ReLU fused; %d of %d convs get int8 codes from their producer "
         "(torch.ao passes quint8 between all its quantized ops)." % (chained, total),
+        "ours dynamic: abs_max (scale = max|x| of each batch, at run time); %d of %d convs quantize their input "
+        "with the abs max its producer took while writing it (no reduction pass of their own)." % (handed, total),
         "torch.ao: FX prepare_fx/convert_fx, get_default_qconfig_mapping('x86'), engine x86; onnxruntime: "
         "quantize_static QDQ u8/s8 per channel, CPUExecutionProvider; float32: channels_last. All calibrated "
         "on the same %d images." % (2 * len(calib)),

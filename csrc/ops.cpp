@@ -60,6 +60,11 @@ TORCH_LIBRARY(qkernels, m) {
   m.def(
       "conv2d_int8_packed(Tensor x, Tensor weight, Tensor packed, Tensor? bias, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, Tensor scale, ScalarType out_dtype, str activation) -> Tensor");
+  // conv2d_int8_packed with float32 output, and max|out| over its finite values (abs_max(out), bit for bit):
+  // the scale a dynamic (abs_max) next layer quantizes with, gathered by the CPU kernels as they write.
+  m.def(
+      "conv2d_int8_packed_abs_max(Tensor x, Tensor weight, Tensor packed, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, Tensor scale, str activation) -> (Tensor, Tensor)");
   // weight [O, C/groups, kh, kw] int8 packed for conv2d_int8_packed on its device (empty where the
   // device's kernels have no packed form).
   m.def("pack_conv2d_int8_weight(Tensor weight, int groups) -> Tensor");

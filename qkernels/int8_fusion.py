@@ -36,10 +36,9 @@ class _OutsideReads(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def chain_shared_outputs(model: nn.Module, example_inputs: Sequence, int8_kinds) -> List[str]:
-    """Chain every int8 layer whose output only int8 layers with one common static input scale read (see the
-    module doc). Returns the names of the layers it chained."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, int8_kinds)}
+def _data_flow(model: nn.Module, example_inputs: Sequence, layers: Dict[str, nn.Module]):
+    """One traced forward: (the tensor each int8 layer read, the one it wrote, ids of the tensors other code
+    read, ids of the tensors the model returned)."""
     inputs: Dict[str, torch.Tensor] = {}
     outputs: Dict[str, torch.Tensor] = {}
     mode = _OutsideReads()
@@ -61,22 +60,36 @@ def chain_shared_outputs(model: nn.Module, example_inputs: Sequence, int8_kinds)
         for h in hooks:
             h.remove()
     returned = {id(t) for t in tree_leaves(result) if isinstance(t, torch.Tensor)}
+    return inputs, outputs, set(mode.read), returned
+
+
+def chain_shared_outputs(model: nn.Module, example_inputs: Sequence, int8_kinds, int8_conv=None):
+    """Chain every int8 layer whose output only int8 layers with one common static input scale read (see the
+    module doc), and mark every ``int8_conv`` layer whose output only dynamic (abs_max) int8 layers read to
+    hand them its abs max (``hands_abs_max``). Returns (names chained, names handing their abs max)."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, int8_kinds)}
+    inputs, outputs, read_outside, returned = _data_flow(model, example_inputs, layers)
     readers: Dict[int, List[str]] = {}
     for name, x in inputs.items():
         readers.setdefault(id(x), []).append(name)
-    chained = []
+    chained, handing = [], []
     for name, out in outputs.items():
         producer = layers[name]
-        if producer.chained or producer.activation == "relu6" or out.dtype != torch.float32:
+        if producer.chained or out.dtype != torch.float32:
             continue
         consumers = [layers[n] for n in readers.get(id(out), [])]
-        if not consumers or id(out) in mode.read or id(out) in returned:
+        if not consumers or id(out) in read_outside or id(out) in returned:
             continue
-        if not all(c.accepts_codes() for c in consumers):
+        if all(c.input_scale is None for c in consumers):  # dynamic readers: the abs max is all they need
+            if int8_conv is not None and isinstance(producer, int8_conv):
+                producer.hands_abs_max = True
+                handing.append(name)
+            continue
+        if producer.activation == "relu6" or not all(c.accepts_codes() for c in consumers):
             continue
         scale = consumers[0].input_scale
         if not all(torch.equal(c.input_scale, scale) for c in consumers[1:]):
             continue
         producer.chain_to(consumers[0])
         chained.append(name)
-    return chained
+    return chained, handing

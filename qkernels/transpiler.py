@@ -508,15 +508,16 @@ class QuantizeTranspiler:
         if traced_inputs is not None:
             from .int8_fusion import chain_shared_outputs
 
-            newly = chain_shared_outputs(model, tuple(traced_inputs), (int8_conv, int8_linear))
+            newly, handing = chain_shared_outputs(model, tuple(traced_inputs), (int8_conv, int8_linear), int8_conv)
             summary.not_chained = [(n, why) for n, why in summary.not_chained if n not in newly]
             summary.chained += [(n, ("the int8 readers of its output, found by a traced forward",)) for n in newly]
-        if summary.chained:
+            summary.abs_max_handed = handing
+        if summary.chained or summary.abs_max_handed:
             # Codes flow only inside a call of this model (its graph or traced forward decided the chaining).
             scope = install_chain_scope(model)
             for layer in model.modules():
-                if isinstance(layer, (int8_conv, int8_linear)) and layer.chained:
-                    layer.chain_scope = scope
+                if isinstance(layer, (int8_conv, int8_linear)) and (layer.chained or summary.abs_max_handed):
+                    layer.chain_scope = scope  # readers of a handed abs max look it up in the scope too
         return model
 
     @staticmethod

@@ -82,6 +82,82 @@ def test_dynamic_readers_are_not_chained():
     assert not any(m.chained for m in traced.modules() if isinstance(m, Int8Conv2d))
 
 
+def _count_handed(monkeypatch):
+    """Counts how often a dynamic layer found its input's abs max handed over (and how often not)."""
+    from qkernels.nn.int8_chain import ChainScope
+
+    counts = {"handed": 0, "not": 0}
+    real = ChainScope.handed_abs_max
+
+    def counted(self, x):
+        got = real(self, x)
+        counts["handed" if got is not None else "not"] += 1
+        return got
+
+    monkeypatch.setattr(ChainScope, "handed_abs_max", counted)
+    return counts
+
+
+def test_dynamic_producers_hand_their_readers_the_abs_max(monkeypatch):
+    """abs_max models: a layer whose output only dynamic int8 layers read takes its abs max while writing it and
+    hands it over; the readers' codes are the same bits as with their own reduction (the untraced conversion)."""
+    frozen, plain, traced = converted(SharedMap(), kind="abs_max")
+    assert traced.body[0][0].hands_abs_max and traced.body[1][0].hands_abs_max  # read by next block and heads
+    assert not traced.next[0][0].hands_abs_max and not traced.heads[0].hands_abs_max  # read by flatten
+    assert not any(m.hands_abs_max for m in plain.modules() if isinstance(m, Int8Conv2d))
+    counts = _count_handed(monkeypatch)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        got, want = traced(x), plain(x)
+    assert counts["handed"] == 4 and counts["not"] == 1  # every reader but the stem (the image)
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+    check_int8_layer_by_layer(frozen, traced, x)
+
+
+@pytest.mark.parametrize("variant", ["extra", "expose"])
+def test_abs_max_is_not_handed_for_a_map_read_elsewhere(variant):
+    _, _, traced = converted(SharedMap(**{variant: True}), kind="abs_max")
+    assert not traced.body[1][0].hands_abs_max
+    assert traced.body[0][0].hands_abs_max
+
+
+def test_handed_abs_max_is_for_that_tensor_only(monkeypatch):
+    """The hand-over is keyed by the tensor object: an equal copy, a layer called outside the model and a
+    new call of the model all reduce for themselves."""
+    from qkernels.nn.int8_chain import ChainScope
+
+    scope = ChainScope()
+    t = torch.ones(3)
+    with scope:
+        scope.hand_over_abs_max(t, torch.tensor(1.0))
+        assert scope.handed_abs_max(t).item() == 1.0
+        assert scope.handed_abs_max(t.clone()) is None
+    assert scope.handed_abs_max(t) is None  # cleared when the call ends
+    _, _, traced = converted(SharedMap(), kind="abs_max")
+    counts = _count_handed(monkeypatch)
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        fmap = traced.body(x)  # outside the model's call: plain op, nothing handed
+        traced.next(fmap)
+    assert counts["handed"] == 0
+
+
+def test_mobilenet_ssd_dynamic_hands_every_abs_max(monkeypatch):
+    from ssd.model import MobileNetSSD
+
+    torch.manual_seed(0)
+    _, plain, traced = converted(MobileNetSSD(num_classes=3), kind="abs_max")
+    counts = _count_handed(monkeypatch)
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        got = traced(x)
+        want = plain(x)
+    assert counts["handed"] == 46 and counts["not"] == 1  # every conv input but the image
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+
+
 def test_mobilenet_ssd_feature_maps_are_chained():
     from ssd.model import MobileNetSSD
 

@@ -294,8 +294,14 @@ void depthwise_vnni512(const DepthwiseArgs& a, const DwVnniWeights& wv, int8_t* 
   }
 }
 
+// max |y| of output row (b, oh) of a float NHWC output (the paths that gather it per row, from cache)
+uint32_t row_abs_max_bits(const Int8ConvShape& s, const at::Tensor& out, int64_t b, int64_t oh) {
+  return finite_abs_max_bits(out.data_ptr<float>() + (b * s.OH + oh) * s.OW * s.O, s.OW * s.O);
+}
+
 void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8ConvShape& s, const ChannelParams& p,
-                    at::Tensor& out) {
+                    at::Tensor& out, AbsMaxSink* abs_max) {
+  if (s.out_kind != kOutFloat) abs_max = nullptr;
   at::Tensor wc = weight.contiguous();
   const int8_t* wp = wc.data_ptr<int8_t>();
   const Int8Isa int8isa = int8_isa();
@@ -306,7 +312,12 @@ void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8Co
     at::parallel_for(0, s.N * s.OH, 1, [&](int64_t r0, int64_t r1) {
       std::vector<int8_t> mem(dw_buffer_columns(s) * kDwColumnBytes + 64);
       int8_t* buf = mem.data() + (64 - reinterpret_cast<uintptr_t>(mem.data()) % 64) % 64;  // aligned stores
-      for (int64_t r = r0; r < r1; ++r) depthwise_vnni512(a, wv, buf, r / s.OH, r % s.OH);
+      uint32_t m = 0;
+      for (int64_t r = r0; r < r1; ++r) {
+        depthwise_vnni512(a, wv, buf, r / s.OH, r % s.OH);
+        if (abs_max != nullptr) m = std::max(m, row_abs_max_bits(s, out, r / s.OH, r % s.OH));
+      }
+      if (abs_max != nullptr) abs_max->merge(m);
     });
     return;
   }
@@ -316,11 +327,17 @@ void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8Co
     for (int64_t t = 0; t < s.kh * s.kw; ++t) w16[t * s.C + c] = wp[c * s.kh * s.kw + t];
   DepthwiseArgs a{xc.data_ptr<int8_t>(), w16.data(), &s, &p, out.data_ptr(), (int64_t)out.element_size(), isa};
   if (int8isa == Int8Isa::kAvx2 && depthwise_avx2_applies(s)) {
-    depthwise_avx2(xc.data_ptr<int8_t>(), wp, s, p.scale.data(), p.bias.data(), out.data_ptr(),
-                   [&](int64_t b, int64_t oh) { depthwise_row_avx2(a, b, oh); });
+    depthwise_avx2(
+        xc.data_ptr<int8_t>(), wp, s, p.scale.data(), p.bias.data(), out.data_ptr(),
+        [&](int64_t b, int64_t oh) {
+          depthwise_row_avx2(a, b, oh);
+          if (abs_max != nullptr) abs_max->merge(row_abs_max_bits(s, out, b, oh));
+        },
+        abs_max);
     return;
   }
   at::parallel_for(0, s.N * s.OH, 1, [&](int64_t r0, int64_t r1) {
+    uint32_t m = 0;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / s.OH, oh = r % s.OH;
       switch (isa) {
@@ -328,7 +345,9 @@ void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8Co
         case Isa::kAvx2: depthwise_row_avx2(a, b, oh); break;
         default: depthwise_row_base(a, b, oh); break;
       }
+      if (abs_max != nullptr) m = std::max(m, row_abs_max_bits(s, out, b, oh));
     }
+    if (abs_max != nullptr) abs_max->merge(m);
   });
 }
 
@@ -492,7 +511,7 @@ bool weights_reorder_while_packing(const Int8ConvShape& s, Int8Isa isa) {
 }
 
 void grouped_gemm_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8ConvShape& s, const ChannelParams& p,
-                       at::Tensor& out, const PackedConvWeights& packed = {}) {
+                       at::Tensor& out, const PackedConvWeights& packed, AbsMaxSink* abs_max) {
   const int64_t Cg = s.C / s.groups, Og = s.O / s.groups, K = s.kh * s.kw * Cg;
   const int64_t M = s.N * s.OH * s.OW;
   const Int8Isa isa = int8_isa();
@@ -531,6 +550,7 @@ void grouped_gemm_conv(const at::Tensor& xc, const at::Tensor& weight, const Int
     ep.scale = p.scale.data();
     ep.bias = p.bias.data();
     ep.act = s.act;
+    ep.abs_max = s.out_kind == kOutFloat ? abs_max : nullptr;
     Int8RowsInMemory pixels;  // a 1x1 stride-1 conv's patches are the NHWC pixels themselves
     if (pointwise) pixels = {xp + g * Cg, s.C};
     if (packed.valid) {  // pixels on the rows, whatever M: the weights are packed as the columns
@@ -549,7 +569,7 @@ void grouped_gemm_conv(const at::Tensor& xc, const at::Tensor& weight, const Int
 at::Tensor conv2d_int8_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* blob,
                             const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups, const at::Tensor& scale, at::ScalarType out_dtype,
-                            c10::string_view activation) {
+                            c10::string_view activation, AbsMaxSink* abs_max = nullptr) {
   const Int8ConvShape s =
       check_conv2d_int8(x, weight, bias, stride, padding, dilation, groups, scale, out_dtype, activation);
   at::Tensor out = at::empty({s.N, s.O, s.OH, s.OW},
@@ -558,10 +578,10 @@ at::Tensor conv2d_int8_impl(const at::Tensor& x, const at::Tensor& weight, const
   const ChannelParams p(scale, bias, s.O);
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   if (s.groups == s.C && s.groups == s.O)
-    depthwise_conv(xc, weight, s, p, out);
+    depthwise_conv(xc, weight, s, p, out, abs_max);
   else
     grouped_gemm_conv(xc, weight, s, p, out,
-                      blob != nullptr ? packed_conv_weights(*blob, s, int8_isa()) : PackedConvWeights{});
+                      blob != nullptr ? packed_conv_weights(*blob, s, int8_isa()) : PackedConvWeights{}, abs_max);
   return out;
 }
 
@@ -576,6 +596,21 @@ at::Tensor conv2d_int8_packed_cpu(const at::Tensor& x, const at::Tensor& weight,
                                   at::IntArrayRef dilation, int64_t groups, const at::Tensor& scale,
                                   at::ScalarType out_dtype, c10::string_view activation) {
   return conv2d_int8_impl(x, weight, &packed, bias, stride, padding, dilation, groups, scale, out_dtype, activation);
+}
+
+// The float output of conv2d_int8_packed and its max |y| (what abs_max(out) returns), the latter gathered by
+// the kernels as they write: a dynamic (abs_max) next layer quantizes with it without a reduction pass.
+std::tuple<at::Tensor, at::Tensor> conv2d_int8_packed_abs_max_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const at::Tensor& scale,
+    c10::string_view activation) {
+  AbsMaxSink sink;
+  at::Tensor out = conv2d_int8_impl(x, weight, &packed, bias, stride, padding, dilation, groups, scale, at::kFloat,
+                                    activation, &sink);
+  at::Tensor m = at::empty({}, x.options().dtype(at::kFloat));
+  const uint32_t bits = sink.bits.load();
+  std::memcpy(m.data_ptr<float>(), &bits, 4);
+  return {out, m};
 }
 
 at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -615,6 +650,7 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 TORCH_LIBRARY_IMPL(qkernels, CPU, m) {
   m.impl("conv2d_int8", &conv2d_int8_cpu);
   m.impl("conv2d_int8_packed", &conv2d_int8_packed_cpu);
+  m.impl("conv2d_int8_packed_abs_max", &conv2d_int8_packed_abs_max_cpu);
   m.impl("pack_conv2d_int8_weight", &pack_conv2d_int8_weight_cpu);
   m.impl("linear_int8", &linear_int8_cpu);
 }

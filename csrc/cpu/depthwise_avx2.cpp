@@ -106,7 +106,7 @@ QK_TARGET_AVX2 QK_INLINE void interleave_columns(const int8_t* const rows[kRows]
 // as int16, packs(acc2, acc3) 8-15 | 24-31, and packing those two gives 0-15 | 16-31.
 template <int KIND, int ACT>
 QK_TARGET_AVX2 QK_INLINE void store_block(const __m256i acc[4], const __m256 sc[4], const __m256 bi[4], int64_t cn,
-                                         char* o) {
+                                         char* o, __m256i* abs_max) {
   if (KIND == kOutInt8) {
     __m256i r[4];
     for (int q = 0; q < 4; ++q) r[q] = avx2_round8<ACT>(avx2_value8<ACT>(acc[q], sc[q], bi[q]));
@@ -130,24 +130,25 @@ QK_TARGET_AVX2 QK_INLINE void store_block(const __m256i acc[4], const __m256 sc[
   const __m256 s23[2] = {_mm256_permute2f128_ps(sc[0], sc[1], 0x31), _mm256_permute2f128_ps(sc[2], sc[3], 0x31)};
   const __m256 b01[2] = {_mm256_permute2f128_ps(bi[0], bi[1], 0x20), _mm256_permute2f128_ps(bi[2], bi[3], 0x20)};
   const __m256 b23[2] = {_mm256_permute2f128_ps(bi[0], bi[1], 0x31), _mm256_permute2f128_ps(bi[2], bi[3], 0x31)};
-  epilogue16_avx2<KIND, ACT>(o0, o1, s01, b01, std::min<int64_t>(cn, 16), o);
-  if (cn > 16) epilogue16_avx2<KIND, ACT>(o2, o3, s23, b23, cn - 16, o + 16 * 4);
+  epilogue16_avx2<KIND, ACT>(o0, o1, s01, b01, std::min<int64_t>(cn, 16), o, abs_max);
+  if (cn > 16) epilogue16_avx2<KIND, ACT>(o2, o3, s23, b23, cn - 16, o + 16 * 4, abs_max);
 }
 
-// One output row (b, oh), all channel blocks; returns false when some input was negative (the row
-// must then be recomputed).
+// One output row (b, oh), channel blocks [blk0, blk1); returns false when some input was negative (the row
+// must then be recomputed). abs_max (float output, or null): max-ed with the row's finite |y| bits.
 bool pairs_rows(const Int8ConvShape& s) { return s.sh == 1 && s.dh == 1 && s.kh < kRows; }
 
 // PAIR: output rows oh and oh + 1 (if there is one) from one interleaving of input rows oh - ph .. oh - ph + 3
 // (stride 1, undilated, kh <= 3), the second with w_next: half the interleaving work per output row.
 template <int KIND, int ACT, int KW, bool PAIR>
 QK_TARGET_AVX2 bool depthwise_row(const int8_t* x, const Weights& wv, const Int8ConvShape& s, void* out, int8_t* buf,
-                                  int64_t b, int64_t oh, int64_t blk0, int64_t blk1) {
+                                  int64_t b, int64_t oh, int64_t blk0, int64_t blk1, uint32_t* abs_max) {
   const int64_t kw = KW > 0 ? KW : s.kw;
   const bool second = PAIR && oh + 1 < s.OH;
   const int64_t esize = KIND == kOutInt8 ? 1 : 4;
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i seen = _mm256_setzero_si256();
+  __m256i seen = _mm256_setzero_si256(), row_max = _mm256_setzero_si256();
+  __m256i* const max_to = abs_max != nullptr ? &row_max : nullptr;
   for (int64_t blk = blk0; blk < blk1; ++blk) {
     const int64_t c0 = blk * kLanes, cn = std::min(kLanes, s.C - c0);
     const int8_t* rows[kRows];
@@ -186,41 +187,42 @@ QK_TARGET_AVX2 bool depthwise_row(const int8_t* x, const Weights& wv, const Int8
           }
         }
         char* o = static_cast<char*>(out) + (((b * s.OH + oh) * s.OW + ow0 + u) * s.C + c0) * esize;
-        store_block<KIND, ACT>(acc, sc, bi, cn, o);
-        if (second) store_block<KIND, ACT>(acc2, sc, bi, cn, o + s.OW * s.C * esize);
+        store_block<KIND, ACT>(acc, sc, bi, cn, o, max_to);
+        if (second) store_block<KIND, ACT>(acc2, sc, bi, cn, o + s.OW * s.C * esize, max_to);
       }
     }
   }
+  if (abs_max != nullptr) *abs_max = avx2_max_epu32(row_max);
   return _mm256_movemask_epi8(seen) == 0;
 }
 
 template <int KIND, int ACT>
 bool depthwise_row_act(const int8_t* x, const Weights& wv, const Int8ConvShape& s, void* out, int8_t* buf, int64_t b,
-                       int64_t oh, int64_t blk0, int64_t blk1) {
+                       int64_t oh, int64_t blk0, int64_t blk1, uint32_t* m) {
   if (pairs_rows(s)) {
-    if (s.kw == 3) return depthwise_row<KIND, ACT, 3, true>(x, wv, s, out, buf, b, oh, blk0, blk1);
-    return depthwise_row<KIND, ACT, 0, true>(x, wv, s, out, buf, b, oh, blk0, blk1);
+    if (s.kw == 3) return depthwise_row<KIND, ACT, 3, true>(x, wv, s, out, buf, b, oh, blk0, blk1, m);
+    return depthwise_row<KIND, ACT, 0, true>(x, wv, s, out, buf, b, oh, blk0, blk1, m);
   }
-  if (s.kw == 3) return depthwise_row<KIND, ACT, 3, false>(x, wv, s, out, buf, b, oh, blk0, blk1);
-  return depthwise_row<KIND, ACT, 0, false>(x, wv, s, out, buf, b, oh, blk0, blk1);
+  if (s.kw == 3) return depthwise_row<KIND, ACT, 3, false>(x, wv, s, out, buf, b, oh, blk0, blk1, m);
+  return depthwise_row<KIND, ACT, 0, false>(x, wv, s, out, buf, b, oh, blk0, blk1, m);
 }
 
 template <int KIND>
 bool depthwise_row_kind(const int8_t* x, const Weights& wv, const Int8ConvShape& s, void* out, int8_t* buf, int64_t b,
-                        int64_t oh, int64_t blk0, int64_t blk1) {
+                        int64_t oh, int64_t blk0, int64_t blk1, uint32_t* m) {
   switch (s.act) {
-    case kActRelu: return depthwise_row_act<KIND, kActRelu>(x, wv, s, out, buf, b, oh, blk0, blk1);
-    case kActRelu6: return depthwise_row_act<KIND, kActRelu6>(x, wv, s, out, buf, b, oh, blk0, blk1);
-    default: return depthwise_row_act<KIND, kActNone>(x, wv, s, out, buf, b, oh, blk0, blk1);
+    case kActRelu: return depthwise_row_act<KIND, kActRelu>(x, wv, s, out, buf, b, oh, blk0, blk1, m);
+    case kActRelu6: return depthwise_row_act<KIND, kActRelu6>(x, wv, s, out, buf, b, oh, blk0, blk1, m);
+    default: return depthwise_row_act<KIND, kActNone>(x, wv, s, out, buf, b, oh, blk0, blk1, m);
   }
 }
 
 bool depthwise_row_any(const int8_t* x, const Weights& wv, const Int8ConvShape& s, void* out, int8_t* buf, int64_t b,
-                       int64_t oh, int64_t blk0, int64_t blk1) {
+                       int64_t oh, int64_t blk0, int64_t blk1, uint32_t* m) {
   switch (s.out_kind) {
-    case kOutInt32: return depthwise_row_kind<kOutInt32>(x, wv, s, out, buf, b, oh, blk0, blk1);
-    case kOutInt8: return depthwise_row_kind<kOutInt8>(x, wv, s, out, buf, b, oh, blk0, blk1);
-    default: return depthwise_row_kind<kOutFloat>(x, wv, s, out, buf, b, oh, blk0, blk1);
+    case kOutInt32: return depthwise_row_kind<kOutInt32>(x, wv, s, out, buf, b, oh, blk0, blk1, nullptr);
+    case kOutInt8: return depthwise_row_kind<kOutInt8>(x, wv, s, out, buf, b, oh, blk0, blk1, nullptr);
+    default: return depthwise_row_kind<kOutFloat>(x, wv, s, out, buf, b, oh, blk0, blk1, m);
   }
 }
 
@@ -229,7 +231,7 @@ bool depthwise_row_any(const int8_t* x, const Weights& wv, const Int8ConvShape& 
 bool depthwise_avx2_applies(const Int8ConvShape& s) { return s.kh <= kRows; }
 
 void depthwise_avx2(const int8_t* x, const int8_t* w, const Int8ConvShape& s, const float* scale, const float* bias,
-                    void* out, DepthwiseRowFallback fallback) {
+                    void* out, DepthwiseRowFallback fallback, AbsMaxSink* abs_max) {
   const Weights wv(w, s, scale, bias);
   const int64_t ncols = (kSegment - 1) * s.sw + (s.kw - 1) * s.dw + 1;
   const int64_t step = pairs_rows(s) ? 2 : 1, per_image = (s.OH + step - 1) / step, rows = s.N * per_image;
@@ -243,12 +245,19 @@ void depthwise_avx2(const int8_t* x, const int8_t* w, const Int8ConvShape& s, co
   at::parallel_for(0, rows * parts, 1, [&](int64_t i0, int64_t i1) {
     std::vector<int8_t> mem(ncols * kColumn + 32);
     int8_t* buf = mem.data() + (32 - reinterpret_cast<uintptr_t>(mem.data()) % 32) % 32;
+    const bool want_max = abs_max != nullptr && s.out_kind == kOutFloat;
+    uint32_t task_max = 0;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = i / parts, part = i % parts;
       const int64_t b = r / per_image, oh = (r % per_image) * step;
       const int64_t blk0 = part * per_part, blk1 = std::min(wv.blocks, blk0 + per_part);
-      if (!depthwise_row_any(x, wv, s, out, buf, b, oh, blk0, blk1)) redo[r].store(1, std::memory_order_relaxed);
+      uint32_t row_max = 0;
+      if (!depthwise_row_any(x, wv, s, out, buf, b, oh, blk0, blk1, want_max ? &row_max : nullptr))
+        redo[r].store(1, std::memory_order_relaxed);  // its values are redone, and so is their max
+      else
+        task_max = std::max(task_max, row_max);
     }
+    if (want_max) abs_max->merge(task_max);
   });
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {

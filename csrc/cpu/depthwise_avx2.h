@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "cpu/int8_gemm.h"
 #include "int8_common.h"
 
 namespace qkernels {
@@ -15,8 +16,9 @@ using DepthwiseRowFallback = c10::function_ref<void(int64_t b, int64_t oh)>;
 // Whether depthwise_avx2 takes this shape (kernels up to 4 rows high).
 bool depthwise_avx2_applies(const Int8ConvShape& s);
 
-// x NHWC int8, w [C][kh][kw], scale and bias one per channel, out NHWC typed by s.out_kind.
+// x NHWC int8, w [C][kh][kw], scale and bias one per channel, out NHWC typed by s.out_kind. With float
+// output and `abs_max`, max |y| of the rows it writes goes there (the fallback's rows are the caller's).
 void depthwise_avx2(const int8_t* x, const int8_t* w, const Int8ConvShape& s, const float* scale, const float* bias,
-                    void* out, DepthwiseRowFallback fallback);
+                    void* out, DepthwiseRowFallback fallback, AbsMaxSink* abs_max = nullptr);
 
 }  // namespace qkernels

@@ -46,7 +46,7 @@ QK_TARGET_AVX2 QK_INLINE void load_params16(const float* p, int64_t n, __m256 ou
   out[1] = _mm256_load_ps(t + 8);
 }
 
-template <int KIND, int ACT>
+template <int KIND, int ACT, bool ABS_MAX = false>
 QK_TARGET_AVX2 void tile_epilogue_avx2_t(const Int8Epilogue& ep, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                                          const int32_t* C, int64_t ldc) {
   const int64_t esize = KIND == kOutInt8 ? 1 : 4;
@@ -55,21 +55,23 @@ QK_TARGET_AVX2 void tile_epilogue_avx2_t(const Int8Epilogue& ep, int64_t r0, int
     load_params16(ep.scale + ep.channel_offset + c0, nc, s);
     load_params16(ep.bias + ep.channel_offset + c0, nc, b);
   }
+  __m256i m = _mm256_setzero_si256();
   for (int64_t i = 0; i < nr; ++i) {
     char* o = static_cast<char*>(ep.out) + ((r0 + i) * ep.row_stride + c0 + ep.offset) * esize;
     const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(C + i * ldc));
     const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(C + i * ldc + 8));
-    epilogue16_avx2<KIND, ACT>(a0, a1, s, b, nc, o);
+    epilogue16_avx2<KIND, ACT>(a0, a1, s, b, nc, o, ABS_MAX ? &m : nullptr);
   }
+  if (ABS_MAX) ep.abs_max->merge(avx2_max_epu32(m));
 }
 
-template <int KIND>
+template <int KIND, bool ABS_MAX = false>
 void tile_epilogue_kind(const Int8Epilogue& ep, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const int32_t* C,
                         int64_t ldc) {
   switch (ep.act) {
-    case kActRelu: return tile_epilogue_avx2_t<KIND, kActRelu>(ep, r0, nr, c0, nc, C, ldc);
-    case kActRelu6: return tile_epilogue_avx2_t<KIND, kActRelu6>(ep, r0, nr, c0, nc, C, ldc);
-    default: return tile_epilogue_avx2_t<KIND, kActNone>(ep, r0, nr, c0, nc, C, ldc);
+    case kActRelu: return tile_epilogue_avx2_t<KIND, kActRelu, ABS_MAX>(ep, r0, nr, c0, nc, C, ldc);
+    case kActRelu6: return tile_epilogue_avx2_t<KIND, kActRelu6, ABS_MAX>(ep, r0, nr, c0, nc, C, ldc);
+    default: return tile_epilogue_avx2_t<KIND, kActNone, ABS_MAX>(ep, r0, nr, c0, nc, C, ldc);
   }
 }
 
@@ -79,7 +81,9 @@ void finish_tile(const Int8Epilogue& ep, int64_t r0, int64_t nr, int64_t c0, int
   switch (ep.out_kind) {
     case kOutInt32: return tile_epilogue_kind<kOutInt32>(ep, r0, nr, c0, nc, C, kNr);
     case kOutInt8: return tile_epilogue_kind<kOutInt8>(ep, r0, nr, c0, nc, C, kNr);
-    default: return tile_epilogue_kind<kOutFloat>(ep, r0, nr, c0, nc, C, kNr);
+    default:
+      if (ep.abs_max != nullptr) return tile_epilogue_kind<kOutFloat, true>(ep, r0, nr, c0, nc, C, kNr);
+      return tile_epilogue_kind<kOutFloat>(ep, r0, nr, c0, nc, C, kNr);
   }
 }
 

@@ -49,6 +49,20 @@ QK_TARGET_AVX2 QK_INLINE __m256i avx2_round8(__m256 v) {
   return _mm256_cvttps_epi32(_mm256_add_ps(v, h));
 }
 
+// Bits of finite_abs(v) on 8 lanes (|v| for finite v, else 0; see AbsMaxSink).
+QK_TARGET_AVX2 QK_INLINE __m256i avx2_finite_abs_bits8(__m256 v) {
+  const __m256i a = _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7fffffff));
+  return _mm256_and_si256(a, _mm256_cmpgt_epi32(_mm256_set1_epi32(0x7f800000), a));  // Inf and NaN -> 0
+}
+
+// The largest of 8 unsigned lanes.
+QK_TARGET_AVX2 QK_INLINE uint32_t avx2_max_epu32(__m256i m) {
+  __m128i h = _mm_max_epu32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+  h = _mm_max_epu32(h, _mm_shuffle_epi32(h, 0x4E));
+  h = _mm_max_epu32(h, _mm_shuffle_epi32(h, 0xB1));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(h));
+}
+
 // 16 int32 (two vectors, saturate_int8 results or INT32_MIN for NaN) -> 16 int8 in order, NaN -> 0.
 QK_TARGET_AVX2 QK_INLINE __m128i avx2_pack16(__m256i r0, __m256i r1) {
   const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(r0, r1), 0xD8);  // 16 int16 in order
@@ -57,10 +71,11 @@ QK_TARGET_AVX2 QK_INLINE __m128i avx2_pack16(__m256i r0, __m256i r1) {
 }
 
 // The epilogue of 16 accumulators (a0: lanes 0-7, a1: 8-15) with channel parameters s, b in registers,
-// the first n <= 16 stored at out (typed by KIND).
+// the first n <= 16 stored at out (typed by KIND). With float output and `abs_max`, the lanes' finite
+// |y| bits are max-ed into it: all 16 lanes, so lanes past n must hold zero parameters (their y is 0).
 template <int KIND, int ACT>
 QK_TARGET_AVX2 QK_INLINE void epilogue16_avx2(__m256i a0, __m256i a1, const __m256 s[2], const __m256 b[2], int64_t n,
-                                             void* out) {
+                                             void* out, __m256i* abs_max = nullptr) {
   if (KIND == kOutInt32) {
     alignas(32) int32_t t[16];
     _mm256_store_si256(reinterpret_cast<__m256i*>(t), a0);
@@ -71,6 +86,8 @@ QK_TARGET_AVX2 QK_INLINE void epilogue16_avx2(__m256i a0, __m256i a1, const __m2
   }
   const __m256 v0 = avx2_value8<ACT>(a0, s[0], b[0]), v1 = avx2_value8<ACT>(a1, s[1], b[1]);
   if (KIND == kOutFloat) {
+    if (abs_max != nullptr)
+      *abs_max = _mm256_max_epu32(*abs_max, _mm256_max_epu32(avx2_finite_abs_bits8(v0), avx2_finite_abs_bits8(v1)));
     if (n == 16) {
       _mm256_storeu_ps(static_cast<float*>(out), v0);
       _mm256_storeu_ps(static_cast<float*>(out) + 8, v1);

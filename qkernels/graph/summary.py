@@ -23,6 +23,7 @@ class TranspileSummary:
     not_folded: List[Tuple[str, str]] = field(default_factory=list)       # (batch norm, why)
     not_fused: List[Tuple[str, str]] = field(default_factory=list)        # (activation, why)
     not_chained: List[Tuple[str, str]] = field(default_factory=list)      # (layer, why)
+    abs_max_handed: List[str] = field(default_factory=list)               # dynamic: layers handing readers their abs max
     float_ops: Dict[str, int] = field(default_factory=dict)               # batch norms / activations still run in float
     skipped: List[Tuple[str, str]] = field(default_factory=list)          # (layer kept float, why: skip_pattern, type)
     calibrated: List[Tuple[str, float, float]] = field(default_factory=list)  # (quantizer, scale set, max |x| seen)
@@ -35,7 +36,7 @@ class TranspileSummary:
                 "shared_inputs": len(self.shared_inputs),
                 "not_folded": len(self.not_folded), "not_fused": len(self.not_fused),
                 "not_chained": len(self.not_chained), "skipped": len(self.skipped),
-                "calibrated": len(self.calibrated)}
+                "calibrated": len(self.calibrated), "abs_max_handed": len(self.abs_max_handed)}
 
     def to_dict(self) -> Dict:
         return {"stage": self.stage, "model": self.model, "graph": self.graph, "trace_failure": self.trace_failure,
@@ -43,7 +44,8 @@ class TranspileSummary:
                 "fused": self.fused, "chained": [(p, list(c)) for p, c in self.chained], "fused_adds": self.fused_adds,
                 "shared_inputs": [list(g) for g in self.shared_inputs], "not_folded": self.not_folded,
                 "not_fused": self.not_fused, "not_chained": self.not_chained, "float_ops": self.float_ops,
-                "skipped": self.skipped, "calibrated": self.calibrated, "calibration": self.calibration}
+                "skipped": self.skipped, "calibrated": self.calibrated, "calibration": self.calibration,
+                "abs_max_handed": self.abs_max_handed}
 
     def __str__(self) -> str:
         c = self.counts
@@ -58,6 +60,9 @@ class TranspileSummary:
         lines.append("  %d layers swapped, %d batch norms folded, %d activations fused, %d layers chained in "
                      "int8, %d shared inputs (one quantizer each)" % (c["swapped"], c["folded"], c["fused"],
                                                                    c["chained"], c["shared_inputs"]))
+        if self.abs_max_handed:
+            lines.append("  %d layers hand their dynamic readers the abs max of their output (taken as they write "
+                         "it)" % c["abs_max_handed"])
         if self.skipped:
             lines.append("  %d layers kept in float" % c["skipped"])
         if self.fused_adds:

@@ -11,15 +11,33 @@ codes stand for (its own epilogue without the next layer's scale, and its own ac
 """
 
 
+import weakref
+
+
 class ChainScope:
-    """Active while the converted model's forward runs (nesting counted)."""
+    """Active while the converted model's forward runs (nesting counted). It also carries, for the duration
+    of one call, the abs max a dynamic int8 producer took of its output (``hand_over_abs_max``) to the
+    layers reading that very tensor (``handed_abs_max``; any other tensor, even an equal one, gets None)."""
 
     def __init__(self):
         self.depth = 0
+        self._abs_max = {}
 
     @property
     def active(self) -> bool:
         return self.depth > 0
+
+    def hand_over_abs_max(self, out, abs_max) -> None:
+        self._abs_max[id(out)] = (weakref.ref(out), abs_max)
+
+    def handed_abs_max(self, x):
+        entry = self._abs_max.get(id(x))
+        return entry[1] if entry is not None and entry[0]() is x else None
+
+    def leave(self) -> None:
+        self.depth = max(0, self.depth - 1)
+        if self.depth == 0:
+            self._abs_max.clear()
 
     def __enter__(self) -> "ChainScope":
         """``with layer.chain_scope: layer(codes)``: call chained layers on their own as the model would."""
@@ -27,7 +45,14 @@ class ChainScope:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.depth = max(0, self.depth - 1)
+        self.leave()
+
+    def __getstate__(self):
+        return {"depth": 0}  # weak references do not pickle; a saved model is not inside a call
+
+    def __setstate__(self, state):
+        self.depth = state.get("depth", 0)
+        self._abs_max = {}
 
 
 class _EnterScope:
@@ -43,7 +68,7 @@ class _LeaveScope:
         self.scope = scope
 
     def __call__(self, _module, _args, _output):
-        self.scope.depth = max(0, self.scope.depth - 1)
+        self.scope.leave()
 
 
 def install_chain_scope(model) -> ChainScope:

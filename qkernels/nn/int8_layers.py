@@ -21,6 +21,12 @@ has the same state_dict keys as a trained one.
 Chaining holds only inside a call of the converted model (qkernels/nn/int8_chain.py): called any other
 way (a slice of a Sequential, a submodule on its own) a chained layer writes the float values instead.
 
+Dynamic (``abs_max``) models cannot chain (the next scale is the batch abs max of this output), but an
+Int8Conv2d whose output only dynamic int8 layers read (``hands_abs_max``, set by convert_to_int8 from a
+traced forward) takes that abs max while its kernels write the floats
+(``conv2d_int8_packed_abs_max``) and hands it to the readers through the chain scope, for exactly that
+output tensor: they quantize with it instead of reducing over the tensor again. Same codes, bit for bit.
+
 State (``state_dict``): ``weight`` (int8; or uint8 = code + 128 with ``weight_storage="uint8"``, converted
 back to int8 on load), ``weight_scale``, ``bias``, ``input_scale`` (static types), ``bn_factor`` (folded
 batch norm), ``output_scale`` (chained layers). The epilogue constants derive from these and are
@@ -49,6 +55,8 @@ def _refresh_after_load(module: "_Int8Layer", _incompatible_keys) -> None:
 
 
 class _Int8Layer(nn.Module):
+    hands_abs_max = False  # layers pickled before the attribute existed
+
     def _init_common(self, frozen, weight_storage: str):
         quantizer = frozen.input_quantizer
         self.activation_bits = quantizer.bits
@@ -59,6 +67,7 @@ class _Int8Layer(nn.Module):
         self.activation: Optional[str] = None
         self.float_activation: Optional[str] = None  # the activation when not writing codes (chained layers)
         self.chain_scope = None  # set by convert_to_int8: codes only inside a call of the converted model
+        self.hands_abs_max = False  # set by convert_to_int8: hand this output's abs max to dynamic readers
         self.register_buffer("weight", frozen.weight.detach().round().to(torch.int8))
         self.register_buffer("weight_scale", frozen.weight_scale.detach().clone())
         self.register_buffer("bias", None if frozen.bias is None else frozen.bias.detach().clone())
@@ -190,7 +199,8 @@ class _Int8Layer(nn.Module):
             return None
         scope = self.chain_scope
         scale, bias, out_dtype, activation = floats if chained and not (scope is None or scope.active) else codes
-        x, scale = _input_codes(x, input_scale, bits, scale)
+        handed = scope.handed_abs_max(x) if input_scale is None and scope is not None else None
+        x, scale = _input_codes(x, input_scale, bits, scale, handed)
         return (x, scale, bias, out_dtype, activation) + call[6:]
 
     def _writes_codes(self) -> bool:
@@ -267,10 +277,12 @@ class _Int8Layer(nn.Module):
         return ", ".join(parts)
 
 
-def _input_codes(x: torch.Tensor, input_scale: Optional[torch.Tensor], bits: int, epilogue_scale: torch.Tensor):
+def _input_codes(x: torch.Tensor, input_scale: Optional[torch.Tensor], bits: int, epilogue_scale: torch.Tensor,
+                 handed_abs_max: Optional[torch.Tensor] = None):
     """(int8 codes of a layer's input, the epilogue scale for them). Codes from a chained previous layer are
     already in this layer's scale; a float input is quantized with the static ``input_scale`` (None: the
-    batch abs max, which then scales the epilogue). The kernels read NHWC and conv2d_int8 returns
+    batch abs max, which then scales the epilogue; ``handed_abs_max``: that max, already taken by the
+    producer as it wrote x). The kernels read NHWC and conv2d_int8 returns
     channels-last; a float NCHW input (a model's own input) is made so here, as torch's float transpose is
     several times faster than one of int8 codes. Quantizing is elementwise: the contiguous NHWC view is
     quantized and handed back as a channels-last view, no layout copies on either side."""
@@ -283,6 +295,9 @@ def _input_codes(x: torch.Tensor, input_scale: Optional[torch.Tensor], bits: int
         x = x.permute(0, 2, 3, 1)
     if input_scale is not None:
         codes = qk.quantize_with_scale(x, input_scale, bits)
+    elif handed_abs_max is not None:
+        codes = _ops.quantize_with_scale(x, handed_abs_max, bits)
+        epilogue_scale = handed_abs_max * epilogue_scale
     else:
         codes, s = qk.quantize_abs_max(x, bits)
         epilogue_scale = s * epilogue_scale
@@ -324,6 +339,12 @@ class Int8Conv2d(_Int8Layer):
         fast = self._fast_call(x)
         if fast is not None:
             codes, scale, bias, out_dtype, activation, weight, packed, stride, padding, dilation, groups = fast
+            scope = self.chain_scope
+            if self.hands_abs_max and out_dtype is torch.float32 and scope is not None and scope.active:
+                out, abs_max = _ops.conv2d_int8_packed_abs_max(codes, weight, packed, bias, stride, padding, dilation,
+                                                               groups, scale, activation)
+                scope.hand_over_abs_max(out, abs_max)
+                return out
             return _ops.conv2d_int8_packed(codes, weight, packed, bias, stride, padding, dilation, groups, scale,
                                            out_dtype, activation)
         codes, scale = self._input_codes(x)

@@ -11,12 +11,19 @@ from .fake_quant import (  # noqa: F401
     range_abs_max_update_,
     recompute_fake_quant_outputs,
 )
-from .int8 import conv2d_int8, conv2d_int8_packed, linear_int8, pack_conv2d_int8_weight  # noqa: F401
+from .int8 import (  # noqa: F401
+    conv2d_int8,
+    conv2d_int8_packed,
+    conv2d_int8_packed_abs_max,
+    linear_int8,
+    pack_conv2d_int8_weight,
+)
 
 __all__ = [
     "abs_max",
     "conv2d_int8",
     "conv2d_int8_packed",
+    "conv2d_int8_packed_abs_max",
     "fake_channel_wise_quant_abs_max",
     "fake_quant_abs_max",
     "fake_quant_with_scale",

@@ -137,20 +137,56 @@ def conv2d_int8_packed(
     )
 
 
+def conv2d_int8_packed_abs_max(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    packed: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: Union[int, Sequence[int]] = 1,
+    padding: Union[int, Sequence[int]] = 0,
+    dilation: Union[int, Sequence[int]] = 1,
+    groups: int = 1,
+    scale: Scale = 1.0,
+    activation: Optional[str] = None,
+):
+    """``(out, abs_max(out))`` for ``out = conv2d_int8_packed(..., out_dtype=torch.float32)``, both bit for bit.
+    The CPU kernels take the abs max of the values as they write them (no pass of its own over ``out``): the
+    batch scale the next layer of a dynamic (``abs_max``) int8 model quantizes ``out`` with."""
+    scale_t, act = _epilogue_args(x, weight, bias, scale, torch.float32, activation)
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError("qkernels: packed must be a torch.Tensor, got %s" % type(packed).__name__)
+    return ops.conv2d_int8_packed_abs_max(
+        x, weight, packed, bias, _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"),
+        int(groups), scale_t, act,
+    )
+
+
+@torch.library.impl("qkernels::conv2d_int8_packed_abs_max", "CUDA")
+def _conv2d_int8_packed_abs_max_cuda(x, weight, packed, bias, stride, padding, dilation, groups, scale, activation):
+    # The CUDA kernels have no fused abs max yet: the conv, then the abs-max reduction (the same values).
+    out = ops.conv2d_int8_packed(x, weight, packed, bias, stride, padding, dilation, groups, scale, torch.float32,
+                                 activation)
+    return out, ops.abs_max(out)
+
+
 # --- fake (meta) kernels: shapes and dtypes only, so torch.compile traces without graph breaks ------
 
 def _conv_out_size(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-@torch.library.register_fake("qkernels::conv2d_int8")
-def _(x, weight, bias, stride, padding, dilation, groups, scale, out_dtype, activation):
+def _conv_fake(x, weight, stride, padding, dilation, out_dtype):
     torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "qkernels: conv2d_int8 expects 4-D input and weight")
     n, h, w = x.shape[0], x.shape[2], x.shape[3]
     o, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
     oh = _conv_out_size(h, kh, stride[0], padding[0], dilation[0])
     ow = _conv_out_size(w, kw, stride[1], padding[1], dilation[1])
     return torch.empty((n, o, oh, ow), dtype=out_dtype, device=x.device, memory_format=torch.channels_last)
+
+
+@torch.library.register_fake("qkernels::conv2d_int8")
+def _(x, weight, bias, stride, padding, dilation, groups, scale, out_dtype, activation):
+    return _conv_fake(x, weight, stride, padding, dilation, out_dtype)
 
 
 @torch.library.register_fake("qkernels::linear_int8")
@@ -160,12 +196,13 @@ def _(x, weight, bias, scale, out_dtype, activation):
 
 @torch.library.register_fake("qkernels::conv2d_int8_packed")
 def _(x, weight, packed, bias, stride, padding, dilation, groups, scale, out_dtype, activation):
-    torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "qkernels: conv2d_int8 expects 4-D input and weight")
-    n, h, w = x.shape[0], x.shape[2], x.shape[3]
-    o, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
-    oh = _conv_out_size(h, kh, stride[0], padding[0], dilation[0])
-    ow = _conv_out_size(w, kw, stride[1], padding[1], dilation[1])
-    return torch.empty((n, o, oh, ow), dtype=out_dtype, device=x.device, memory_format=torch.channels_last)
+    return _conv_fake(x, weight, stride, padding, dilation, out_dtype)
+
+
+@torch.library.register_fake("qkernels::conv2d_int8_packed_abs_max")
+def _(x, weight, packed, bias, stride, padding, dilation, groups, scale, activation):
+    out = _conv_fake(x, weight, stride, padding, dilation, torch.float32)
+    return out, x.new_empty((), dtype=torch.float32)
 
 
 @torch.library.register_fake("qkernels::pack_conv2d_int8_weight")
