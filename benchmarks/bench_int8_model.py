@@ -167,39 +167,35 @@ def int8_convs(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, Int8Conv2d)]
 
 
-def chained_counts(model, example):
-    """(convs whose input arrives as int8 codes, all convs) in one forward of `model`."""
-    convs = int8_convs(model)
-    seen = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, args[0].dtype))
-             for name, m in convs]
+def forward_seeing_inputs(model, modules, example, see) -> None:
+    """One inference forward of model(example), calling see(name, input) as each of `modules` ({name: module})
+    is called."""
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: see(name, args[0])) for name, m in modules.items()]
     try:
         with torch.inference_mode():
             model(example)
     finally:
         for h in hooks:
             h.remove()
+
+
+def chained_counts(model, example):
+    """(convs whose input arrives as int8 codes, all convs) in one forward of `model`."""
+    convs = dict(int8_convs(model))
+    seen = {}
+    forward_seeing_inputs(model, convs, example, lambda name, x: seen.__setitem__(name, x.dtype))
     return sum(dt == torch.int8 for dt in seen.values()), len(convs)
 
 
 def handed_counts(model, example) -> int:
     """Convs of a dynamic model whose input's abs max its producer handed over, in one forward of `model`."""
-    from qkernels.nn.int8_chain import ChainScope
-
-    convs = int8_convs(model)
-    scope = next((m.chain_scope for _, m in convs if m.chain_scope is not None), None)
+    convs = dict(int8_convs(model))
+    scope = next((m.chain_scope for m in convs.values() if m.chain_scope is not None), None)
     if scope is None:
         return 0
     handed = set()
-    hooks = [m.register_forward_pre_hook(
-        lambda mod, args, name=name: handed.add(name) if ChainScope.handed_abs_max(scope, args[0]) is not None else None)
-        for name, m in convs]
-    try:
-        with torch.inference_mode():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_seeing_inputs(model, convs, example,
+                          lambda name, x: handed.add(name) if scope.handed_abs_max(x) is not None else None)
     return len(handed)
 
 
@@ -208,14 +204,7 @@ def handed_counts(model, example) -> int:
 def captured_inputs(model, modules, example):
     """{name: the input each module got in one forward of model(example)}."""
     got = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: got.__setitem__(name, args[0]))
-             for name, m in modules.items()]
-    try:
-        with torch.inference_mode():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_seeing_inputs(model, modules, example, got.__setitem__)
     return got
 
 

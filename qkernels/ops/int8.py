@@ -128,13 +128,18 @@ def conv2d_int8_packed(
     """``conv2d_int8`` with the weights also given packed (``pack_conv2d_int8_weight(weight, groups)``):
     the same result bit for bit, without repacking the weights on every call. A ``packed`` tensor made for
     another shape, instruction set or device is ignored (the weights are then packed per call)."""
+    args, act = _packed_conv_args(x, weight, packed, bias, stride, padding, dilation, groups, scale, out_dtype,
+                                  activation)
+    return ops.conv2d_int8_packed(*args, out_dtype, act)
+
+
+def _packed_conv_args(x, weight, packed, bias, stride, padding, dilation, groups, scale, out_dtype, activation):
+    """The checked leading arguments of the packed conv ops (through the scale), and the activation."""
     scale_t, act = _epilogue_args(x, weight, bias, scale, out_dtype, activation)
     if not isinstance(packed, torch.Tensor):
         raise TypeError("qkernels: packed must be a torch.Tensor, got %s" % type(packed).__name__)
-    return ops.conv2d_int8_packed(
-        x, weight, packed, bias, _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"),
-        int(groups), scale_t, out_dtype, act,
-    )
+    return (x, weight, packed, bias, _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"),
+            int(groups), scale_t), act
 
 
 def conv2d_int8_packed_abs_max(
@@ -152,13 +157,9 @@ def conv2d_int8_packed_abs_max(
     """``(out, abs_max(out))`` for ``out = conv2d_int8_packed(..., out_dtype=torch.float32)``, both bit for bit.
     The CPU kernels take the abs max of the values as they write them (no pass of its own over ``out``): the
     batch scale the next layer of a dynamic (``abs_max``) int8 model quantizes ``out`` with."""
-    scale_t, act = _epilogue_args(x, weight, bias, scale, torch.float32, activation)
-    if not isinstance(packed, torch.Tensor):
-        raise TypeError("qkernels: packed must be a torch.Tensor, got %s" % type(packed).__name__)
-    return ops.conv2d_int8_packed_abs_max(
-        x, weight, packed, bias, _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"),
-        int(groups), scale_t, act,
-    )
+    args, act = _packed_conv_args(x, weight, packed, bias, stride, padding, dilation, groups, scale, torch.float32,
+                                  activation)
+    return ops.conv2d_int8_packed_abs_max(*args, act)
 
 
 @torch.library.impl("qkernels::conv2d_int8_packed_abs_max", "CUDA")
