@@ -427,6 +427,30 @@ def test_conv_packed_blob_that_does_not_fit_is_ignored(monkeypatch):
         qkernels.pack_conv2d_int8_weight(w.float())
 
 
+def test_depthwise_blob_that_does_not_fit_is_ignored(monkeypatch):
+    """Depthwise weights pack for the AVX2 depthwise kernel in a blob of their own kind: it is used only for
+    the conv it was made for (a GEMM blob, another channel count or kernel, another ISA are ignored)."""
+    gen = torch.Generator().manual_seed(43)
+    x = rand_int8(2, 64, 7, 7, gen=gen).abs()
+    w = rand_int8(64, 1, 3, 3, gen=gen)
+    kw = dict(padding=1, groups=64)
+    want = qkernels.conv2d_int8(x, w, out_dtype=torch.int32, **kw)
+    own = qkernels.pack_conv2d_int8_weight(w, 64)
+    if qkernels.build_info().get("int8_isa_selected", "avx2") == "avx2":
+        assert own.numel() > 0  # packed where the AVX2 depthwise kernel runs
+    others = (qkernels.pack_conv2d_int8_weight(rand_int8(32, 1, 3, 3, gen=gen), 32),  # other channels
+              qkernels.pack_conv2d_int8_weight(rand_int8(64, 1, 3, 1, gen=gen), 64),  # other kernel
+              qkernels.pack_conv2d_int8_weight(rand_int8(64, 64, 3, 3, gen=gen)),     # a GEMM blob
+              own[:-1].clone())                                                      # cut short
+    for blob in (own,) + others:
+        assert torch.equal(qkernels.conv2d_int8_packed(x, w, blob, out_dtype=torch.int32, **kw), want)
+    pw = rand_int8(48, 64, 1, 1, gen=gen)  # and a depthwise blob given to a GEMM conv
+    assert torch.equal(qkernels.conv2d_int8_packed(x, pw, own, out_dtype=torch.int32),
+                       qkernels.conv2d_int8(x, pw, out_dtype=torch.int32))
+    monkeypatch.setenv("QKERNELS_INT8_ISA", "portable")
+    assert torch.equal(qkernels.conv2d_int8_packed(x, w, own, out_dtype=torch.int32, **kw), want)
+
+
 # --- opcheck, CUDA ----------------------------------------------------------------------------------
 
 def _opcheck_samples(device):

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "checks.h"
@@ -300,7 +301,7 @@ uint32_t row_abs_max_bits(const Int8ConvShape& s, const at::Tensor& out, int64_t
 }
 
 void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8ConvShape& s, const ChannelParams& p,
-                    at::Tensor& out, AbsMaxSink* abs_max) {
+                    at::Tensor& out, const at::Tensor* blob, AbsMaxSink* abs_max) {
   if (s.out_kind != kOutFloat) abs_max = nullptr;
   at::Tensor wc = weight.contiguous();
   const int8_t* wp = wc.data_ptr<int8_t>();
@@ -321,21 +322,33 @@ void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8Co
     });
     return;
   }
-  // weights as [tap][channel] int16, so the channel loop reads both operands contiguously
-  std::vector<int16_t> w16(s.kh * s.kw * s.C);
-  for (int64_t c = 0; c < s.C; ++c)
-    for (int64_t t = 0; t < s.kh * s.kw; ++t) w16[t * s.C + c] = wp[c * s.kh * s.kw + t];
-  DepthwiseArgs a{xc.data_ptr<int8_t>(), w16.data(), &s, &p, out.data_ptr(), (int64_t)out.element_size(), isa};
+  // weights as [tap][channel] int16, so the channel loop reads both operands contiguously (the AVX2 kernel
+  // needs them only for rows it hands back: made then, once)
+  std::vector<int16_t> w16;
+  auto widen = [&] {
+    w16.resize(s.kh * s.kw * s.C);
+    for (int64_t c = 0; c < s.C; ++c)
+      for (int64_t t = 0; t < s.kh * s.kw; ++t) w16[t * s.C + c] = wp[c * s.kh * s.kw + t];
+  };
+  DepthwiseArgs a{xc.data_ptr<int8_t>(), nullptr, &s, &p, out.data_ptr(), (int64_t)out.element_size(), isa};
   if (int8isa == Int8Isa::kAvx2 && depthwise_avx2_applies(s)) {
+    std::once_flag widened;
+    const int8_t* packed = blob != nullptr ? packed_depthwise_weights(*blob, s, int8isa) : nullptr;
     depthwise_avx2(
-        xc.data_ptr<int8_t>(), wp, s, p.scale.data(), p.bias.data(), out.data_ptr(),
+        xc.data_ptr<int8_t>(), wp, packed, s, p.scale.data(), p.bias.data(), out.data_ptr(),
         [&](int64_t b, int64_t oh) {
+          std::call_once(widened, [&] {
+            widen();
+            a.w = w16.data();
+          });
           depthwise_row_avx2(a, b, oh);
           if (abs_max != nullptr) abs_max->merge(row_abs_max_bits(s, out, b, oh));
         },
         abs_max);
     return;
   }
+  widen();
+  a.w = w16.data();
   at::parallel_for(0, s.N * s.OH, 1, [&](int64_t r0, int64_t r1) {
     uint32_t m = 0;
     for (int64_t r = r0; r < r1; ++r) {
@@ -578,7 +591,7 @@ at::Tensor conv2d_int8_impl(const at::Tensor& x, const at::Tensor& weight, const
   const ChannelParams p(scale, bias, s.O);
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   if (s.groups == s.C && s.groups == s.O)
-    depthwise_conv(xc, weight, s, p, out, abs_max);
+    depthwise_conv(xc, weight, s, p, out, blob, abs_max);
   else
     grouped_gemm_conv(xc, weight, s, p, out,
                       blob != nullptr ? packed_conv_weights(*blob, s, int8_isa()) : PackedConvWeights{}, abs_max);

@@ -29,31 +29,54 @@ constexpr int64_t kLanes = 32;     // channels per block (one 256-bit load per i
 constexpr int64_t kColumn = 128;   // bytes of one interleaved column of a block: 4 vectors
 constexpr int64_t kSegment = 64;   // output pixels per interleaving buffer (stays in L1)
 
-// Block weights [kw][4 vectors][32 bytes], scale and bias [4 vectors][8], all in interleaved order.
-// w_next: the same weights one kernel row down (dword bytes [0, w0, w1, w2]), for the second of two output
-// rows computed from one interleaving of four input rows (stride 1, kernels up to 3 rows).
+int64_t blocks_of(int64_t C) { return (C + kLanes - 1) / kLanes; }
+
+// The kernel's weight bytes (depthwise_avx2_pack): per block [kw][4 vectors][32 bytes] in interleaved order,
+// then w_next, the same weights one kernel row down (dword bytes [0, w0, w1, w2]), for the second of two
+// output rows computed from one interleaving of four input rows (stride 1, kernels up to 3 rows).
+void pack_taps(const int8_t* wp, int64_t C, int64_t kh, int64_t kw, int8_t* dst) {
+  const int64_t blocks = blocks_of(C), half = blocks * kw * kColumn;
+  int8_t* w = dst;
+  int8_t* w_next = dst + half;
+  std::memset(dst, 0, 2 * half);
+  for (int64_t blk = 0; blk < blocks; ++blk)
+    for (int64_t p = 0; p < kLanes; ++p) {  // p = 8q + 4L + d: vector q, lane L, dword d
+      const int64_t q = p / 8, L = (p % 8) / 4, d = p % 4, c = blk * kLanes + 16 * L + 4 * q + d;
+      if (c >= C) continue;
+      for (int64_t j = 0; j < kw; ++j)
+        for (int64_t i = 0; i < kh; ++i) {
+          const int64_t at = ((blk * kw + j) * 4 + q) * 32 + (4 * L + d) * 4 + i;
+          w[at] = wp[(c * kh + i) * kw + j];
+          if (i + 1 < kRows) w_next[at + 1] = w[at];
+        }
+    }
+}
+
+// Weights as the kernel reads them: the packed taps (from the layer's packed blob, or packed here), and
+// scale and bias per block [4 vectors][8] in interleaved order (they change per call: dynamic scales).
 struct Weights {
-  std::vector<int8_t> w, w_next;
+  std::vector<int8_t> own;  // the taps when no packed ones were given
+  const int8_t* w = nullptr;
+  const int8_t* w_next = nullptr;
   std::vector<float> scale, bias;
   int64_t blocks;
-  Weights(const int8_t* wp, const Int8ConvShape& s, const float* sc, const float* bi) {
-    blocks = (s.C + kLanes - 1) / kLanes;
-    w.assign(blocks * s.kw * kColumn, 0);
-    w_next.assign(blocks * s.kw * kColumn, 0);
+  Weights(const int8_t* wp, const int8_t* packed, const Int8ConvShape& s, const float* sc, const float* bi) {
+    blocks = blocks_of(s.C);
+    if (packed == nullptr) {
+      own.resize(depthwise_avx2_packed_bytes(s.C, s.kw));
+      pack_taps(wp, s.C, s.kh, s.kw, own.data());
+      packed = own.data();
+    }
+    w = packed;
+    w_next = packed + blocks * s.kw * kColumn;
     scale.assign(blocks * kLanes, 0.f);
     bias.assign(blocks * kLanes, 0.f);
     for (int64_t blk = 0; blk < blocks; ++blk)
-      for (int64_t p = 0; p < kLanes; ++p) {  // p = 8q + 4L + d: vector q, lane L, dword d
+      for (int64_t p = 0; p < kLanes; ++p) {
         const int64_t q = p / 8, L = (p % 8) / 4, d = p % 4, c = blk * kLanes + 16 * L + 4 * q + d;
         if (c >= s.C) continue;
         scale[blk * kLanes + p] = sc[c];
         bias[blk * kLanes + p] = bi[c];
-        for (int64_t j = 0; j < s.kw; ++j)
-          for (int64_t i = 0; i < s.kh; ++i) {
-            const int64_t at = ((blk * s.kw + j) * 4 + q) * 32 + (4 * L + d) * 4 + i;
-            w[at] = wp[(c * s.kh + i) * s.kw + j];
-            if (i + 1 < kRows) w_next[at + 1] = w[at];
-          }
       }
   }
 };
@@ -156,8 +179,8 @@ QK_TARGET_AVX2 bool depthwise_row(const int8_t* x, const Weights& wv, const Int8
       const int64_t ih = oh * s.sh - s.ph + i * s.dh;
       rows[i] = i < s.kh + (PAIR ? 1 : 0) && ih >= 0 && ih < s.H ? x + (b * s.H + ih) * s.W * s.C + c0 : nullptr;
     }
-    const int8_t* wblk = wv.w.data() + blk * kw * kColumn;
-    const int8_t* wblk_next = wv.w_next.data() + blk * kw * kColumn;
+    const int8_t* wblk = wv.w + blk * kw * kColumn;
+    const int8_t* wblk_next = wv.w_next + blk * kw * kColumn;
     __m256 sc[4], bi[4];
     for (int v = 0; v < 4; ++v) {
       sc[v] = _mm256_loadu_ps(wv.scale.data() + c0 + 8 * v);
@@ -230,9 +253,15 @@ bool depthwise_row_any(const int8_t* x, const Weights& wv, const Int8ConvShape& 
 
 bool depthwise_avx2_applies(const Int8ConvShape& s) { return s.kh <= kRows; }
 
-void depthwise_avx2(const int8_t* x, const int8_t* w, const Int8ConvShape& s, const float* scale, const float* bias,
-                    void* out, DepthwiseRowFallback fallback, AbsMaxSink* abs_max) {
-  const Weights wv(w, s, scale, bias);
+int64_t depthwise_avx2_packed_bytes(int64_t C, int64_t kw) { return 2 * blocks_of(C) * kw * kColumn; }
+
+void depthwise_avx2_pack(const int8_t* w, int64_t C, int64_t kh, int64_t kw, int8_t* dst) {
+  pack_taps(w, C, kh, kw, dst);
+}
+
+void depthwise_avx2(const int8_t* x, const int8_t* w, const int8_t* packed, const Int8ConvShape& s, const float* scale,
+                    const float* bias, void* out, DepthwiseRowFallback fallback, AbsMaxSink* abs_max) {
+  const Weights wv(w, packed, s, scale, bias);
   const int64_t ncols = (kSegment - 1) * s.sw + (s.kw - 1) * s.dw + 1;
   const int64_t step = pairs_rows(s) ? 2 : 1, per_image = (s.OH + step - 1) / step, rows = s.N * per_image;
   // Few rows (batch 1, a 10x10 map: 5 row pairs for 2 threads, one of them idle 40% of the time): the
@@ -242,6 +271,7 @@ void depthwise_avx2(const int8_t* x, const int8_t* w, const Int8ConvShape& s, co
   const int64_t parts = (wv.blocks + per_part - 1) / per_part;
   // Rows with a negative input are recomputed exactly afterwards; several parts of a row may flag it.
   std::vector<std::atomic<uint8_t>> redo(rows);  // value-initialized: 0
+  std::atomic<bool> any_redo{false};
   at::parallel_for(0, rows * parts, 1, [&](int64_t i0, int64_t i1) {
     std::vector<int8_t> mem(ncols * kColumn + 32);
     int8_t* buf = mem.data() + (32 - reinterpret_cast<uintptr_t>(mem.data()) % 32) % 32;
@@ -252,13 +282,16 @@ void depthwise_avx2(const int8_t* x, const int8_t* w, const Int8ConvShape& s, co
       const int64_t b = r / per_image, oh = (r % per_image) * step;
       const int64_t blk0 = part * per_part, blk1 = std::min(wv.blocks, blk0 + per_part);
       uint32_t row_max = 0;
-      if (!depthwise_row_any(x, wv, s, out, buf, b, oh, blk0, blk1, want_max ? &row_max : nullptr))
+      if (!depthwise_row_any(x, wv, s, out, buf, b, oh, blk0, blk1, want_max ? &row_max : nullptr)) {
         redo[r].store(1, std::memory_order_relaxed);  // its values are redone, and so is their max
-      else
+        any_redo.store(true, std::memory_order_relaxed);
+      } else {
         task_max = std::max(task_max, row_max);
+      }
     }
     if (want_max) abs_max->merge(task_max);
   });
+  if (!any_redo.load()) return;  // the usual case (ReLU outputs): no second parallel region
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       if (!redo[r].load(std::memory_order_relaxed)) continue;

@@ -1,5 +1,7 @@
 #include "cpu/packed_weights.h"
 
+#include "cpu/depthwise_avx2.h"
+
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
@@ -8,7 +10,8 @@
 namespace qkernels {
 namespace {
 
-constexpr int64_t kMagic = 0x31386b7170;  // "pqk81"
+constexpr int64_t kMagic = 0x31386b7170;           // "pqk81"
+constexpr int64_t kMagicDepthwise = 0x3177646b7170;  // "pqkdw1"
 constexpr int64_t kHeader = 64;           // bytes: int64 magic, isa, O, Cg, kh, kw, groups, Kp
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
@@ -33,7 +36,15 @@ at::Tensor pack_conv2d_int8_weight_cpu(const at::Tensor& weight, int64_t groups)
   const int64_t O = weight.size(0), Cg = weight.size(1), kh = weight.size(2), kw = weight.size(3);
   const bool depthwise = groups > 1 && Cg == 1 && O == groups;
   const Int8Isa isa = int8_isa();
-  if (isa != Int8Isa::kAvx2 || depthwise || O == 0) return at::empty({0}, bytes);
+  if (isa != Int8Isa::kAvx2 || O == 0) return at::empty({0}, bytes);
+  if (depthwise) {
+    if (kh > 4) return at::empty({0}, bytes);  // the general depthwise kernel (see depthwise_avx2_applies)
+    at::Tensor blob = at::empty({kHeader + depthwise_avx2_packed_bytes(O, kw)}, bytes);
+    const Header h{kMagicDepthwise, (int64_t)isa, O, Cg, kh, kw, groups, 0};
+    std::memcpy(blob.data_ptr<int8_t>(), &h, sizeof h);
+    depthwise_avx2_pack(weight.contiguous().data_ptr<int8_t>(), O, kh, kw, blob.data_ptr<int8_t>() + kHeader);
+    return blob;
+  }
   const int64_t Og = O / groups, K = kh * kw * Cg, per_group = avx2_packed_q_bytes(Og, K);
   at::Tensor blob = at::empty({data_offset(groups) + groups * per_group}, bytes);
   int8_t* base = blob.data_ptr<int8_t>();
@@ -67,6 +78,18 @@ PackedConvWeights packed_conv_weights(const at::Tensor& blob, const Int8ConvShap
   v.groups = s.groups;
   v.blob = &blob;
   return v;
+}
+
+const int8_t* packed_depthwise_weights(const at::Tensor& blob, const Int8ConvShape& s, Int8Isa isa) {
+  if (!blob.defined() || !blob.device().is_cpu() || blob.scalar_type() != at::kChar || !blob.is_contiguous() ||
+      blob.numel() < kHeader)
+    return nullptr;
+  Header h;
+  std::memcpy(&h, blob.data_ptr<int8_t>(), sizeof h);
+  const bool fits = h.magic == kMagicDepthwise && h.isa == (int64_t)isa && isa == Int8Isa::kAvx2 && h.O == s.O &&
+                    h.Cg == 1 && h.kh == s.kh && h.kw == s.kw && h.groups == s.groups && s.groups == s.C &&
+                    blob.numel() == kHeader + depthwise_avx2_packed_bytes(s.O, s.kw);
+  return fits ? blob.data_ptr<int8_t>() + kHeader : nullptr;
 }
 
 Avx2PackedQ PackedConvWeights::group(int64_t g) const {

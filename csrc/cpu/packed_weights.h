@@ -23,10 +23,15 @@ struct PackedConvWeights {
 };
 
 // Packs weight [O, C/groups, kh, kw] for the current instruction set; an empty tensor where it has no
-// packed form (instruction sets other than AVX2 pack per call, and depthwise weights are not packed).
+// packed form (instruction sets other than AVX2 pack per call). Depthwise weights are packed for the AVX2
+// depthwise kernel (kernels up to 4 rows high), in a blob of their own kind.
 at::Tensor pack_conv2d_int8_weight_cpu(const at::Tensor& weight, int64_t groups);
 
-// The blob's view for a conv of shape s on instruction set isa (valid == false if it does not fit).
+// The blob's view for a (non-depthwise) conv of shape s on instruction set isa (valid == false if it does
+// not fit).
 PackedConvWeights packed_conv_weights(const at::Tensor& blob, const Int8ConvShape& s, Int8Isa isa);
+
+// The packed depthwise weights for a depthwise conv of shape s on isa, or null if the blob does not fit.
+const int8_t* packed_depthwise_weights(const at::Tensor& blob, const Int8ConvShape& s, Int8Isa isa);
 
 }  // namespace qkernels
