@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cpu/int8_gemm_avx2.h"
+#include "cpu/task_queue.h"
 
 namespace qkernels {
 namespace {
@@ -272,12 +273,13 @@ void depthwise_avx2(const int8_t* x, const int8_t* w, const int8_t* packed, cons
   // Rows with a negative input are recomputed exactly afterwards; several parts of a row may flag it.
   std::vector<std::atomic<uint8_t>> redo(rows);  // value-initialized: 0
   std::atomic<bool> any_redo{false};
-  at::parallel_for(0, rows * parts, 1, [&](int64_t i0, int64_t i1) {
+  TaskQueue queue(rows * parts);
+  run_workers(queue, [&] {
     std::vector<int8_t> mem(ncols * kColumn + 32);
     int8_t* buf = mem.data() + (32 - reinterpret_cast<uintptr_t>(mem.data()) % 32) % 32;
     const bool want_max = abs_max != nullptr && s.out_kind == kOutFloat;
     uint32_t task_max = 0;
-    for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t i; queue.next(i);) {
       const int64_t r = i / parts, part = i % parts;
       const int64_t b = r / per_image, oh = (r % per_image) * step;
       const int64_t blk0 = part * per_part, blk1 = std::min(wv.blocks, blk0 + per_part);

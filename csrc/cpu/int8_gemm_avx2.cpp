@@ -23,6 +23,7 @@
 #include "cpu/int8_gemm.h"
 #include "cpu/int8_gemm_avx2.h"
 #include "cpu/simd.h"
+#include "cpu/task_queue.h"
 
 namespace qkernels {
 namespace {
@@ -223,13 +224,16 @@ void int8_gemm_avx2_packed(int64_t p_rows, int64_t K, Int8RowSource P, const Avx
   const int64_t col_tasks = (blocks + blocks_per_task - 1) / blocks_per_task;
   // Rows are read in place when they need no padding (K a multiple of 4), except the last rows.
   const bool in_place = p_in_memory.data != nullptr && K == Kp;
-  at::parallel_for(0, panels * col_tasks, 1, [&](int64_t t0, int64_t t1) {
+  // Threads take tasks one at a time (task_queue.h); a panel whose column tasks go to both threads is packed
+  // by both, as at the middle of a static split.
+  TaskQueue queue(panels * col_tasks);
+  run_workers(queue, [&] {
     std::vector<int8_t> mem(panel_rows * Kp + 64);
     std::vector<int16_t> mem16;
     alignas(32) int32_t C[kMr * kNr];
     int64_t packed_panel = -1;
     Panel pan;
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t; queue.next(t);) {
       const int64_t pi = t / col_tasks, ci = t % col_tasks;
       const int64_t r0 = pi * panel_rows, rows = std::min(panel_rows, p_rows - r0);
       if (rows <= 0) continue;
