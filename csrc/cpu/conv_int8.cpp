@@ -563,7 +563,7 @@ void grouped_gemm_conv(const at::Tensor& xc, const at::Tensor& weight, const Int
     ep.scale = p.scale.data();
     ep.bias = p.bias.data();
     ep.act = s.act;
-    ep.abs_max = s.out_kind == kOutFloat ? abs_max : nullptr;
+    ep.abs_max = abs_max;
     Int8RowsInMemory pixels;  // a 1x1 stride-1 conv's patches are the NHWC pixels themselves
     if (pointwise) pixels = {xp + g * Cg, s.C};
     if (packed.valid) {  // pixels on the rows, whatever M: the weights are packed as the columns
@@ -621,8 +621,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_int8_packed_abs_max_cpu(
   at::Tensor out = conv2d_int8_impl(x, weight, &packed, bias, stride, padding, dilation, groups, scale, at::kFloat,
                                     activation, &sink);
   at::Tensor m = at::empty({}, x.options().dtype(at::kFloat));
-  const uint32_t bits = sink.bits.load();
-  std::memcpy(m.data_ptr<float>(), &bits, 4);
+  *m.data_ptr<float>() = sink.value();
   return {out, m};
 }
 

@@ -32,6 +32,9 @@ constexpr int64_t kSegment = 64;   // output pixels per interleaving buffer (sta
 
 int64_t blocks_of(int64_t C) { return (C + kLanes - 1) / kLanes; }
 
+// The channel at interleaved position p = 8q + 4L + d (vector q, lane L, dword d) of block blk.
+int64_t lane_channel(int64_t blk, int64_t p) { return blk * kLanes + 16 * ((p % 8) / 4) + 4 * (p / 8) + p % 4; }
+
 // The kernel's weight bytes (depthwise_avx2_pack): per block [kw][4 vectors][32 bytes] in interleaved order,
 // then w_next, the same weights one kernel row down (dword bytes [0, w0, w1, w2]), for the second of two
 // output rows computed from one interleaving of four input rows (stride 1, kernels up to 3 rows).
@@ -41,12 +44,12 @@ void pack_taps(const int8_t* wp, int64_t C, int64_t kh, int64_t kw, int8_t* dst)
   int8_t* w_next = dst + half;
   std::memset(dst, 0, 2 * half);
   for (int64_t blk = 0; blk < blocks; ++blk)
-    for (int64_t p = 0; p < kLanes; ++p) {  // p = 8q + 4L + d: vector q, lane L, dword d
-      const int64_t q = p / 8, L = (p % 8) / 4, d = p % 4, c = blk * kLanes + 16 * L + 4 * q + d;
+    for (int64_t p = 0; p < kLanes; ++p) {
+      const int64_t c = lane_channel(blk, p);
       if (c >= C) continue;
       for (int64_t j = 0; j < kw; ++j)
         for (int64_t i = 0; i < kh; ++i) {
-          const int64_t at = ((blk * kw + j) * 4 + q) * 32 + (4 * L + d) * 4 + i;
+          const int64_t at = ((blk * kw + j) * 4 + p / 8) * 32 + (p % 8) * 4 + i;  // dword 4L + d of vector q
           w[at] = wp[(c * kh + i) * kw + j];
           if (i + 1 < kRows) w_next[at + 1] = w[at];
         }
@@ -74,7 +77,7 @@ struct Weights {
     bias.assign(blocks * kLanes, 0.f);
     for (int64_t blk = 0; blk < blocks; ++blk)
       for (int64_t p = 0; p < kLanes; ++p) {
-        const int64_t q = p / 8, L = (p % 8) / 4, d = p % 4, c = blk * kLanes + 16 * L + 4 * q + d;
+        const int64_t c = lane_channel(blk, p);
         if (c >= s.C) continue;
         scale[blk * kLanes + p] = sc[c];
         bias[blk * kLanes + p] = bi[c];
@@ -252,7 +255,7 @@ bool depthwise_row_any(const int8_t* x, const Weights& wv, const Int8ConvShape& 
 
 }  // namespace
 
-bool depthwise_avx2_applies(const Int8ConvShape& s) { return s.kh <= kRows; }
+bool depthwise_avx2_takes_kernel_rows(int64_t kh) { return kh <= kRows; }
 
 int64_t depthwise_avx2_packed_bytes(int64_t C, int64_t kw) { return 2 * blocks_of(C) * kw * kColumn; }
 

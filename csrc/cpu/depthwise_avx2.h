@@ -13,8 +13,9 @@ namespace qkernels {
 // Recomputes output row (b, oh) exactly (for rows with negative inputs, which the kernel cannot take).
 using DepthwiseRowFallback = c10::function_ref<void(int64_t b, int64_t oh)>;
 
-// Whether depthwise_avx2 takes this shape (kernels up to 4 rows high).
-bool depthwise_avx2_applies(const Int8ConvShape& s);
+// Whether depthwise_avx2 takes kernels kh rows high (up to 4), or this shape.
+bool depthwise_avx2_takes_kernel_rows(int64_t kh);
+inline bool depthwise_avx2_applies(const Int8ConvShape& s) { return depthwise_avx2_takes_kernel_rows(s.kh); }
 
 // Bytes of the kernel's packed weights for C channels and kernels kw wide; the packing of w [C][kh][kw].
 int64_t depthwise_avx2_packed_bytes(int64_t C, int64_t kw);

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/abs_max.h"
 #include "cpu/simd.h"
 #include "quant_math.h"
 
@@ -19,35 +20,6 @@ namespace qkernels {
 namespace {
 
 constexpr int64_t kGrain = 1 << 15;
-
-// Bits of finite_abs(x): non-negative floats order like their bit patterns, and an integer max
-// always vectorises.
-template <typename T>
-QK_INLINE uint32_t abs_bits(T v) {
-  float f = finite_abs(to_float(v));
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
-QK_INLINE float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-template <typename T>
-QK_INLINE uint32_t abs_max_bits_body(const T* x, int64_t n) {
-  uint32_t m = 0;
-  // GCC 12 does not if-convert this reduction on its own; the pragma makes it vectorise.
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t a = abs_bits(x[i]);
-    m = a > m ? a : m;
-  }
-  return m;
-}
-QK_DEFINE_ISA_DISPATCH(abs_max_bits, abs_max_bits_body)
 
 template <typename T>
 QK_INLINE int fake_quant_body(const T* x, T* out, int64_t n, QuantParams p) {

@@ -568,17 +568,6 @@ void int8_epilogue_row(Isa vec, const int32_t* acc, int64_t n, const float* s, c
   }
 }
 
-uint32_t finite_abs_max_bits(const float* p, int64_t n, int64_t stride) {
-  uint32_t m = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const float a = finite_abs(p[j * stride]);
-    uint32_t u;
-    std::memcpy(&u, &a, 4);
-    m = u > m ? u : m;
-  }
-  return m;
-}
-
 void Int8Epilogue::apply(int64_t r0, int64_t nr, int64_t c0, int64_t nc, const int32_t* C, int64_t ldc) const {
   write(r0, nr, c0, nc, C, ldc);
   if (abs_max == nullptr || out_kind != kOutFloat) return;

@@ -9,10 +9,9 @@
 #if !defined(__CUDACC__)
 #include <c10/util/FunctionRef.h>
 
-#include <atomic>
-
 #include <immintrin.h>
 
+#include "cpu/abs_max.h"
 #include "cpu/simd.h"
 
 namespace qkernels {
@@ -25,22 +24,6 @@ Int8Isa int8_isa();            // best available, capped by QKERNELS_INT8_ISA (r
 Int8Isa int8_best_isa();       // best this processor (and OS) runs, whatever QKERNELS_INT8_ISA says
 const char* int8_isa_name(Int8Isa isa);
 Isa int8_vector_isa(Int8Isa isa);  // the simd.h level that goes with it (epilogues, depthwise)
-
-// max |y| over the float outputs a kernel writes, as qkernels.abs_max computes it (non-finite values count
-// as 0), gathered while the values are still in registers or cache: the batch abs max the next layer of a
-// dynamic (abs_max) int8 model quantizes its input with, without a pass of its own over the tensor.
-// Kept as the bits of the non-negative float (they order like the values); threads merge their maxima.
-struct AbsMaxSink {
-  std::atomic<uint32_t> bits{0};
-  void merge(uint32_t v) {
-    uint32_t cur = bits.load(std::memory_order_relaxed);
-    while (v > cur && !bits.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {
-    }
-  }
-};
-
-// Bits of max finite |p[j * stride]| for j < n (0 for n == 0).
-uint32_t finite_abs_max_bits(const float* p, int64_t n, int64_t stride = 1);
 
 // Where results go: C[r][c] of the product lands at output element
 //   out[r * row_stride + c * col_stride + offset]
@@ -57,7 +40,9 @@ struct Int8Epilogue {
   const float* bias = nullptr;
   int act = kActNone;
   Isa vec = Isa::kBase;  // set by int8_gemm from its instruction set
-  AbsMaxSink* abs_max = nullptr;  // float output: also gather max |y| here (null: not wanted)
+  // Float output: also gather max |y| here (null: not wanted), the batch abs max a dynamic next layer
+  // quantizes with, taken while the values are in registers or cache instead of in a pass of its own.
+  AbsMaxSink* abs_max = nullptr;
 
   // Writes the tile C[0..nr)[0..nc) (row stride ldc) whose top-left product element is (r0, c0).
   void apply(int64_t r0, int64_t nr, int64_t c0, int64_t nc, const int32_t* C, int64_t ldc) const;

@@ -21,6 +21,15 @@ struct Header {
 };
 static_assert(sizeof(Header) == kHeader, "header layout");
 
+// The header of a blob that may be one (an int8 CPU tensor, contiguous, long enough), or false.
+bool read_header(const at::Tensor& blob, Header* h) {
+  if (!blob.defined() || !blob.device().is_cpu() || blob.scalar_type() != at::kChar || !blob.is_contiguous() ||
+      blob.numel() < kHeader)
+    return false;
+  std::memcpy(h, blob.data_ptr<int8_t>(), sizeof *h);
+  return true;
+}
+
 // Offset of the first group's data: header, one has_min byte per group, aligned to 64.
 int64_t data_offset(int64_t groups) { return round_up(kHeader + groups, 64); }
 
@@ -38,7 +47,7 @@ at::Tensor pack_conv2d_int8_weight_cpu(const at::Tensor& weight, int64_t groups)
   const Int8Isa isa = int8_isa();
   if (isa != Int8Isa::kAvx2 || O == 0) return at::empty({0}, bytes);
   if (depthwise) {
-    if (kh > 4) return at::empty({0}, bytes);  // the general depthwise kernel (see depthwise_avx2_applies)
+    if (!depthwise_avx2_takes_kernel_rows(kh)) return at::empty({0}, bytes);  // the general depthwise kernel
     at::Tensor blob = at::empty({kHeader + depthwise_avx2_packed_bytes(O, kw)}, bytes);
     const Header h{kMagicDepthwise, (int64_t)isa, O, Cg, kh, kw, groups, 0};
     std::memcpy(blob.data_ptr<int8_t>(), &h, sizeof h);
@@ -63,11 +72,8 @@ at::Tensor pack_conv2d_int8_weight_cpu(const at::Tensor& weight, int64_t groups)
 
 PackedConvWeights packed_conv_weights(const at::Tensor& blob, const Int8ConvShape& s, Int8Isa isa) {
   PackedConvWeights v;
-  if (!blob.defined() || !blob.device().is_cpu() || blob.scalar_type() != at::kChar || !blob.is_contiguous() ||
-      blob.numel() < kHeader)
-    return v;
   Header h;
-  std::memcpy(&h, blob.data_ptr<int8_t>(), sizeof h);
+  if (!read_header(blob, &h)) return v;
   const int64_t Cg = s.C / s.groups, K = s.kh * s.kw * Cg;
   const bool fits = h.magic == kMagic && h.isa == (int64_t)isa && isa == Int8Isa::kAvx2 && h.O == s.O && h.Cg == Cg &&
                     h.kh == s.kh && h.kw == s.kw && h.groups == s.groups &&
@@ -81,11 +87,8 @@ PackedConvWeights packed_conv_weights(const at::Tensor& blob, const Int8ConvShap
 }
 
 const int8_t* packed_depthwise_weights(const at::Tensor& blob, const Int8ConvShape& s, Int8Isa isa) {
-  if (!blob.defined() || !blob.device().is_cpu() || blob.scalar_type() != at::kChar || !blob.is_contiguous() ||
-      blob.numel() < kHeader)
-    return nullptr;
   Header h;
-  std::memcpy(&h, blob.data_ptr<int8_t>(), sizeof h);
+  if (!read_header(blob, &h)) return nullptr;
   const bool fits = h.magic == kMagicDepthwise && h.isa == (int64_t)isa && isa == Int8Isa::kAvx2 && h.O == s.O &&
                     h.Cg == 1 && h.kh == s.kh && h.kw == s.kw && h.groups == s.groups && s.groups == s.C &&
                     blob.numel() == kHeader + depthwise_avx2_packed_bytes(s.O, s.kw);

@@ -295,11 +295,12 @@ def _input_codes(x: torch.Tensor, input_scale: Optional[torch.Tensor], bits: int
         x = x.permute(0, 2, 3, 1)
     if input_scale is not None:
         codes = qk.quantize_with_scale(x, input_scale, bits)
-    elif handed_abs_max is not None:
-        codes = _ops.quantize_with_scale(x, handed_abs_max, bits)
-        epilogue_scale = handed_abs_max * epilogue_scale
     else:
-        codes, s = qk.quantize_abs_max(x, bits)
+        if handed_abs_max is not None:
+            s = handed_abs_max
+            codes = _ops.quantize_with_scale(x, s, bits)
+        else:
+            codes, s = qk.quantize_abs_max(x, bits)
         epilogue_scale = s * epilogue_scale
     return (codes.permute(0, 3, 1, 2) if nhwc else codes), epilogue_scale
 
