@@ -90,11 +90,11 @@ void finish_tile(const Int8Epilogue& ep, int64_t r0, int64_t nr, int64_t c0, int
 
 // --- the kernels --------------------------------------------------------------------------------------
 
-// C[MR][16] = A[MR rows, lda bytes apart][Kp] * B block ([Kp/4][16][4] bytes) with vpmaddubsw: A as
+// acc[MR][16] = A[MR rows, lda bytes apart][Kp] * B block ([Kp/4][16][4] bytes) with vpmaddubsw: A as
 // uint8 (all >= 0) or, SIGNED, as |x| with the sign moved onto B (see the top of the file).
 template <int MR, bool SIGNED>
-QK_TARGET_AVX2 void kernel_u8(const int8_t* A, int64_t lda, const int8_t* B, int64_t kp4, int32_t* C) {
-  __m256i acc[MR][2];
+QK_TARGET_AVX2 QK_INLINE void accumulate_u8(const int8_t* A, int64_t lda, const int8_t* B, int64_t kp4,
+                                            __m256i acc[MR][2]) {
 #pragma GCC unroll 6
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
   const __m256i ones = _mm256_set1_epi16(1);
@@ -115,10 +115,67 @@ QK_TARGET_AVX2 void kernel_u8(const int8_t* A, int64_t lda, const int8_t* B, int
       acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(_mm256_maddubs_epi16(a, w1), ones));
     }
   }
+}
+
+// C[MR][16] = the product above, stored for an epilogue of its own.
+template <int MR, bool SIGNED>
+QK_TARGET_AVX2 void kernel_u8(const int8_t* A, int64_t lda, const int8_t* B, int64_t kp4, int32_t* C) {
+  __m256i acc[MR][2];
+  accumulate_u8<MR, SIGNED>(A, lda, B, kp4, acc);
 #pragma GCC unroll 6
   for (int m = 0; m < MR; ++m) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + m * kNr), acc[m][0]);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + m * kNr + 8), acc[m][1]);
+  }
+}
+
+// One block column (16 output channels from c0, nc valid) of a panel (rows from r0, A >= 0) through the
+// epilogue straight from the accumulators: no tile store and reload, no call per tile. The epilogue's
+// parameters are loaded after the product so that the product keeps all 16 registers.
+template <int KIND, int ACT, bool ABS_MAX>
+QK_TARGET_AVX2 void block_u8_fused(const Int8Epilogue& ep, const int8_t* A, int64_t lda, const int8_t* B, int64_t kp4,
+                                   int64_t r0, int64_t rows, int64_t c0, int64_t nc) {
+  const int64_t esize = KIND == kOutInt8 ? 1 : 4;
+  __m256i m = _mm256_setzero_si256();
+  for (int64_t r = 0; r < rows; r += kMr) {
+    __m256i acc[kMr][2];
+    accumulate_u8<kMr, false>(A + r * lda, lda, B, kp4, acc);
+    __m256 sc[2], bi[2];
+    if (KIND != kOutInt32) {
+      load_params16(ep.scale + ep.channel_offset + c0, nc, sc);
+      load_params16(ep.bias + ep.channel_offset + c0, nc, bi);
+    }
+    const int64_t nr = std::min(kMr, rows - r);
+#pragma GCC unroll 6
+    for (int i = 0; i < kMr; ++i) {
+      if (i >= nr) break;
+      char* o = static_cast<char*>(ep.out) + ((r0 + r + i) * ep.row_stride + c0 + ep.offset) * esize;
+      epilogue16_avx2<KIND, ACT>(acc[i][0], acc[i][1], sc, bi, nc, o, ABS_MAX ? &m : nullptr);
+    }
+  }
+  if (ABS_MAX) ep.abs_max->merge(avx2_max_epu32(m));
+}
+
+using FusedBlock = void (*)(const Int8Epilogue&, const int8_t*, int64_t, const int8_t*, int64_t, int64_t, int64_t,
+                            int64_t, int64_t);
+
+template <int KIND, bool ABS_MAX = false>
+FusedBlock fused_block_act(int act) {
+  switch (act) {
+    case kActRelu: return block_u8_fused<KIND, kActRelu, ABS_MAX>;
+    case kActRelu6: return block_u8_fused<KIND, kActRelu6, ABS_MAX>;
+    default: return block_u8_fused<KIND, kActNone, ABS_MAX>;
+  }
+}
+
+// The fused block for this epilogue, or null where the tile path must run (channels on the rows, strided
+// output columns: Int8Epilogue::apply).
+FusedBlock fused_block(const Int8Epilogue& ep) {
+  if (ep.channel_on_rows || ep.col_stride != 1) return nullptr;
+  switch (ep.out_kind) {
+    case kOutInt32: return fused_block_act<kOutInt32>(ep.act);
+    case kOutInt8: return fused_block_act<kOutInt8>(ep.act);
+    default: return ep.abs_max != nullptr ? fused_block_act<kOutFloat, true>(ep.act) : fused_block_act<kOutFloat>(ep.act);
   }
 }
 
@@ -227,6 +284,7 @@ void int8_gemm_avx2_packed(int64_t p_rows, int64_t K, Int8RowSource P, const Avx
   // Threads take tasks one at a time (task_queue.h); a panel whose column tasks go to both threads is packed
   // by both, as at the middle of a static split.
   TaskQueue queue(panels * col_tasks);
+  const FusedBlock fused = fused_block(ep);
   run_workers(queue, [&] {
     std::vector<int8_t> mem(panel_rows * Kp + 64);
     std::vector<int16_t> mem16;
@@ -267,7 +325,9 @@ void int8_gemm_avx2_packed(int64_t p_rows, int64_t K, Int8RowSource P, const Avx
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int8_t* B = q.data + blk * Kp * kNr;
         const int64_t c0 = blk * kNr, nc = std::min(kNr, q.rows - c0);
-        if (!pan.negative) {
+        if (!pan.negative && fused != nullptr) {
+          fused(ep, pan.a, pan.lda, B, Kp / 4, r0, rows, c0, nc);
+        } else if (!pan.negative) {
           for (int64_t r = 0; r < rows; r += kMr) {
             kernel_u8<kMr, false>(pan.a + r * pan.lda, pan.lda, B, Kp / 4, C);
             finish_tile(ep, r0 + r, std::min(kMr, rows - r), c0, nc, C);
