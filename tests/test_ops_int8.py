@@ -415,6 +415,23 @@ def test_conv_packed_equals_conv(case, isa):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("case", [c for c in PACKED_CASES if c[0] in ("pw 32->64", "pw 512->512", "extra 3x3 64->128 s2 2->1",
+                                                                  "groups 2")], ids=lambda c: c[0])
+def test_conv_packed_blob_is_what_the_kernel_reads(case, isa):
+    """Every instruction set packs GEMM weights once, and the call multiplies by the packed copy, not by
+    `weight` (so a blob that fits must hold exactly the weights): the same blob with its packed bytes
+    changed changes the result."""
+    gen = torch.Generator().manual_seed(44)
+    x, weight, kw = _conv_case(case, gen)
+    packed = qkernels.pack_conv2d_int8_weight(weight, kw["groups"])
+    assert packed.numel() > weight.numel()  # header + packed groups
+    want = qkernels.conv2d_int8(x, weight, out_dtype=torch.int32, **kw)
+    assert torch.equal(qkernels.conv2d_int8_packed(x, weight, packed, out_dtype=torch.int32, **kw), want)
+    changed = packed.clone()
+    changed[128:] = changed[128:].bitwise_xor(torch.tensor(0x15, dtype=torch.int8))  # past header and flags
+    assert not torch.equal(qkernels.conv2d_int8_packed(x, weight, changed, out_dtype=torch.int32, **kw), want)
+
+
 def test_conv_packed_blob_that_does_not_fit_is_ignored(monkeypatch):
     gen = torch.Generator().manual_seed(42)
     x, w = rand_int8(2, 32, 5, 5, gen=gen), rand_int8(48, 32, 1, 1, gen=gen)

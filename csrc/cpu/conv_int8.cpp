@@ -568,7 +568,10 @@ void grouped_gemm_conv(const at::Tensor& xc, const at::Tensor& weight, const Int
     if (pointwise) pixels = {xp + g * Cg, s.C};
     if (packed.valid) {  // pixels on the rows, whatever M: the weights are packed as the columns
       ep.row_stride = s.O, ep.col_stride = 1, ep.channel_on_rows = false;
-      int8_gemm_avx2_packed(M, K, patch_rows, packed.group(g), ep, pixels);
+      if (packed.isa == Int8Isa::kAvx2)
+        int8_gemm_avx2_packed(M, K, patch_rows, packed.group(g), ep, pixels);
+      else
+        int8_gemm_packed(isa, M, K, patch_rows, packed.gemm_group(g), ep, pixels);
     } else if (int8_pixels_on_rows(M, Og)) {
       ep.row_stride = s.O, ep.col_stride = 1, ep.channel_on_rows = false;
       int8_gemm(isa, M, Og, K, patch_rows, weight_rows, ep, pixels);

@@ -4,10 +4,11 @@
 //   AVX512-VNNI   vpdpbusd (u8 x s8) on 6x64 blocks: P is stored as x+128 (xor 0x80) and
 //                 128 * sum_k Q[c][k] is subtracted per column (exact modulo 2^32, hence exact);
 //   AVX-VNNI      the same on 256-bit registers, 6x16 blocks;
-//   AVX2          sign-extend to int16 and vpmaddwd (exact; vpmaddubsw would saturate), 2x16 blocks;
+//   AVX2          vpmaddubsw kernels of their own, in int8_gemm_avx2.cpp;
 //   portable      plain C++ on the same packed layout.
-// Q is packed once per call in the VNNI/AMX "B" layout: blocks of 16 Q rows, each [Kp/4][16][4] bytes
-// (four consecutive k of one row form a 32-bit lane). P is packed per task in row panels [rows][Kp].
+// Q is packed in the VNNI/AMX "B" layout: blocks of 16 Q rows, each [Kp/4][16][4] bytes (four
+// consecutive k of one row form a 32-bit lane), per call or once ahead of the calls (a conv layer's
+// weights: int8_pack_q, int8_gemm_packed). P is packed per task in row panels [rows][Kp].
 #include "cpu/int8_gemm.h"
 #include "cpu/int8_gemm_avx2.h"
 
@@ -200,20 +201,25 @@ struct PackedQ {
   int64_t block_bytes() const { return Kp * kBlock; }
 };
 
-// with_corr: also compute the corrections (only the u8 x s8 kernels use them).
-PackedQ pack_q(Int8RowSource Q, int64_t rows, int64_t K, int64_t Kp, bool with_corr) {
-  PackedQ q;
-  q.rows = rows;
-  q.blocks = (rows + kBlock - 1) / kBlock;
-  q.Kp = Kp;
-  const int64_t data_bytes = round_up(q.blocks * q.block_bytes(), 64);
-  int8_t* data = packing_memory(data_bytes + q.blocks * kBlock * 4, q.storage);
-  int32_t* corr = reinterpret_cast<int32_t*>(data + data_bytes);
+int64_t packed_kp(Int8Isa isa, int64_t K) {
+  return round_up(std::max<int64_t>(K, 1), isa == Int8Isa::kAmx && K >= 64 ? 64 : 4);
+}
+
+// The u8 x s8 kernels need the corrections; AMX and portable multiply signed x signed.
+bool biased_isa(Int8Isa isa) { return isa == Int8Isa::kAvx512Vnni || isa == Int8Isa::kAvxVnni; }
+
+// Bytes of the packed blocks (padded to 64) and of the corrections after them.
+int64_t packed_data_bytes(int64_t rows, int64_t Kp) { return round_up((rows + kBlock - 1) / kBlock * Kp * kBlock, 64); }
+int64_t packed_corr_bytes(int64_t rows) { return (rows + kBlock - 1) / kBlock * kBlock * 4; }
+
+// Packs Q into data ([blocks][Kp/4][16][4]) and, with_corr, the corrections into corr (else zeros).
+void pack_q_into(Int8RowSource Q, int64_t rows, int64_t K, int64_t Kp, bool with_corr, int8_t* data, int32_t* corr) {
+  const int64_t blocks = (rows + kBlock - 1) / kBlock, block_bytes = Kp * kBlock;
   // Up to a megabyte (every MobileNet-SSD weight matrix) is packed by the calling thread: a parallel
   // region of its own costs a second fork/join per product, and on a loaded machine each join can
   // wait a whole scheduler slice for a descheduled thread.
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(q.block_bytes(), 1));
-  at::parallel_for(0, q.blocks, grain, [&](int64_t b0, int64_t b1) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(block_bytes, 1));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     std::vector<int8_t> tmp(kBlock * std::max<int64_t>(Kp, 1));
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * kBlock, n = std::min(kBlock, rows - r0);
@@ -226,7 +232,7 @@ PackedQ pack_q(Int8RowSource Q, int64_t rows, int64_t K, int64_t Kp, bool with_c
         corr[r0 + i] = 128 * sum;
       }
       // [16 rows][Kp/4] dwords -> [Kp/4][16 rows]
-      int8_t* dst = data + blk * q.block_bytes();
+      int8_t* dst = data + blk * block_bytes;
       const int64_t kp4 = Kp / 4;
       for (int64_t i = 0; i < kBlock; ++i)
         for (int64_t k4 = 0; k4 < kp4; ++k4) {
@@ -236,8 +242,27 @@ PackedQ pack_q(Int8RowSource Q, int64_t rows, int64_t K, int64_t Kp, bool with_c
         }
     }
   });
+}
+
+PackedQ packed_view(const int8_t* data, const int32_t* corr, int64_t rows, int64_t Kp) {
+  PackedQ q;
+  q.rows = rows;
+  q.blocks = (rows + kBlock - 1) / kBlock;
+  q.Kp = Kp;
   q.data = data;
   q.corr = corr;
+  return q;
+}
+
+// Q packed for this call, in memory kept by the calling thread (see packing_memory).
+PackedQ pack_q(Int8Isa isa, Int8RowSource Q, int64_t rows, int64_t K) {
+  const int64_t Kp = packed_kp(isa, K), data_bytes = packed_data_bytes(rows, Kp);
+  at::Tensor storage;
+  int8_t* data = packing_memory(data_bytes + packed_corr_bytes(rows), storage);
+  int32_t* corr = reinterpret_cast<int32_t*>(data + data_bytes);
+  pack_q_into(Q, rows, K, Kp, biased_isa(isa), data, corr);
+  PackedQ q = packed_view(data, corr, rows, Kp);
+  q.storage = std::move(storage);
   return q;
 }
 
@@ -343,43 +368,6 @@ QK_TARGET_AVXVNNI void panel_avxvnni(const PanelJob& job) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + m * 16), _mm256_sub_epi32(acc[m][0], c0));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + m * 16 + 8), _mm256_sub_epi32(acc[m][1], c1));
       }
-      job.finish(r, MR, blk, 1, C, 16);
-    }
-  }
-}
-
-// --- AVX2 without VNNI: int16 pairs with vpmaddwd, 2 rows x 16 columns ------------------------------
-
-QK_TARGET_AVX2 void panel_avx2(const PanelJob& job) {
-  constexpr int MR = 2;
-  alignas(64) int32_t T[MR][4][8];
-  alignas(64) int32_t C[MR * 16];
-  const int64_t bs = job.q->block_bytes(), kp4 = job.Kp / 4;
-  for (int64_t blk = job.blk0; blk < job.blk1; ++blk) {
-    const int8_t* B = job.q->data + blk * bs;
-    for (int64_t r = 0; r < job.rows; r += MR) {
-      const int8_t* A = job.A + r * job.lda;
-      __m256i acc[MR][4];
-      for (int m = 0; m < MR; ++m)
-        for (int v = 0; v < 4; ++v) acc[m][v] = _mm256_setzero_si256();
-      for (int64_t k4 = 0; k4 < kp4; ++k4) {
-        __m256i b[4];  // 4 columns x 4 k each, as int16
-        for (int v = 0; v < 4; ++v)
-          b[v] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(B + k4 * 64 + v * 16)));
-        for (int m = 0; m < MR; ++m) {
-          int32_t a4;
-          std::memcpy(&a4, A + m * job.lda + k4 * 4, 4);
-          const __m128i a16 = _mm_cvtepi8_epi16(_mm_cvtsi32_si128(a4));
-          const __m256i a = _mm256_broadcastq_epi64(a16);
-          for (int v = 0; v < 4; ++v) acc[m][v] = _mm256_add_epi32(acc[m][v], _mm256_madd_epi16(a, b[v]));
-        }
-      }
-      // each lane pair (2c, 2c+1) of acc[m][v] holds two partial sums of column 4v + c
-      for (int m = 0; m < MR; ++m)
-        for (int v = 0; v < 4; ++v) _mm256_store_si256(reinterpret_cast<__m256i*>(T[m][v]), acc[m][v]);
-      for (int m = 0; m < MR; ++m)
-        for (int v = 0; v < 4; ++v)
-          for (int c = 0; c < 4; ++c) C[m * 16 + v * 4 + c] = T[m][v][2 * c] + T[m][v][2 * c + 1];
       job.finish(r, MR, blk, 1, C, 16);
     }
   }
@@ -614,19 +602,30 @@ void Int8Epilogue::write(int64_t r0, int64_t nr, int64_t c0, int64_t nc, const i
   }
 }
 
-void int8_gemm(Int8Isa isa, int64_t p_rows, int64_t q_rows, int64_t K, Int8RowSource P, Int8RowSource Q,
-               const Int8Epilogue& epilogue, Int8RowsInMemory p_in_memory) {
-  if (p_rows == 0 || q_rows == 0) return;
-  if (isa == Int8Isa::kAvx2) return int8_gemm_avx2(p_rows, q_rows, K, P, Q, epilogue, p_in_memory);
+namespace {
+
+// Row steps of the panel kernels: a panel's rows are a whole number of them.
+int64_t row_step(Int8Isa isa) {
+  switch (isa) {
+    case Int8Isa::kAmx: return 32;
+    case Int8Isa::kAvx512Vnni:
+    case Int8Isa::kAvxVnni: return 6;
+    default: return 1;
+  }
+}
+
+// C = P * Q^T through the epilogue, Q packed (per call or ahead of it).
+void gemm_on_packed_q(Int8Isa isa, int64_t p_rows, int64_t K, Int8RowSource P, const PackedQ& q,
+                      const Int8Epilogue& epilogue, Int8RowsInMemory p_in_memory) {
   Int8Epilogue ep = epilogue;
   ep.vec = int8_vector_isa(isa);
-  // AMX works on 64-deep slices, or one shorter slice when K < 64 (see make_tile_config).
-  const int64_t Kp = round_up(std::max<int64_t>(K, 1), isa == Int8Isa::kAmx && K >= 64 ? 64 : 4);
-  const bool biased = isa == Int8Isa::kAvx512Vnni || isa == Int8Isa::kAvxVnni;  // u8 x s8
-  const PackedQ q = pack_q(Q, q_rows, K, Kp, biased);
-
-  constexpr int64_t kPanelRows = 96;  // a multiple of every kernel's row step (6, 2, 1, 32)
-  const int64_t panels = (p_rows + kPanelRows - 1) / kPanelRows;
+  const int64_t Kp = q.Kp;
+  const bool biased = biased_isa(isa);
+  // Panels of equal size (at most kMaxPanelRows, a whole number of row steps), so that threads get equal
+  // work: 100 rows as 96 + 4 left one thread with nearly all of a batch-1 10x10 map.
+  constexpr int64_t kMaxPanelRows = 96;  // a multiple of every kernel's row step
+  const int64_t panels = (p_rows + kMaxPanelRows - 1) / kMaxPanelRows;
+  const int64_t panel_rows = round_up((p_rows + panels - 1) / panels, row_step(isa));
   // Split the columns too when there are few panels, so both cores get work on small maps.
   const int64_t threads = at::get_num_threads();
   int64_t blocks_per_task = q.blocks;
@@ -638,37 +637,71 @@ void int8_gemm(Int8Isa isa, int64_t p_rows, int64_t q_rows, int64_t K, Int8RowSo
   // panel): the copy would cost as much as the product for a 1x1 conv over few channels.
   const bool in_place = isa == Int8Isa::kAmx && p_in_memory.data != nullptr && K == Kp;
 
+  // A fixed contiguous share per thread, not tasks from a queue (task_queue.h): each thread then streams
+  // through one half of the pixels and the output, which the memory-bound 1x1 convs over few channels
+  // need (batch-8 pw 32->64 @150 on AMX: 1.01-1.08 ms this way, 1.37-1.55 ms from a queue).
   at::parallel_for(0, panels * col_tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<int8_t> panel_mem(kPanelRows * Kp + 64);
+    std::vector<int8_t> panel_mem(panel_rows * Kp + 64);
     int8_t* panel = panel_mem.data();
     int64_t packed_panel = -1;
     if (isa == Int8Isa::kAmx) amx_begin(Kp);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t pi = t / col_tasks, ci = t % col_tasks;
-      const int64_t r0 = pi * kPanelRows, rows = std::min(kPanelRows, p_rows - r0);
+      const int64_t r0 = pi * panel_rows, rows = std::min(panel_rows, p_rows - r0);
+      if (rows <= 0) continue;
       const int8_t* A = panel;
       int64_t lda = Kp;
-      if (in_place && rows == kPanelRows) {
+      if (in_place && rows == panel_rows) {
         A = p_in_memory.data + r0 * p_in_memory.ld;
         lda = p_in_memory.ld;
       } else if (pi != packed_panel) {
-        std::memset(panel, 0, kPanelRows * Kp);
+        std::memset(panel, 0, panel_rows * Kp);
         P(r0, rows, panel, Kp);
         if (biased) flip_sign_bits(panel, rows * Kp);
         packed_panel = pi;
       }
-      PanelJob job{A, lda, rows, kPanelRows, Kp, r0, &q, ci * blocks_per_task,
+      PanelJob job{A, lda, rows, panel_rows, Kp, r0, &q, ci * blocks_per_task,
                    std::min(q.blocks, (ci + 1) * blocks_per_task), &ep};
       switch (isa) {
         case Int8Isa::kAmx: panel_amx(job); break;
         case Int8Isa::kAvx512Vnni: panel_vnni512(job); break;
         case Int8Isa::kAvxVnni: panel_avxvnni(job); break;
-        case Int8Isa::kAvx2: panel_avx2(job); break;
         default: panel_portable(job); break;
       }
     }
     if (isa == Int8Isa::kAmx) amx_end();
   });
+}
+
+}  // namespace
+
+void int8_gemm(Int8Isa isa, int64_t p_rows, int64_t q_rows, int64_t K, Int8RowSource P, Int8RowSource Q,
+               const Int8Epilogue& epilogue, Int8RowsInMemory p_in_memory) {
+  if (p_rows == 0 || q_rows == 0) return;
+  if (isa == Int8Isa::kAvx2) return int8_gemm_avx2(p_rows, q_rows, K, P, Q, epilogue, p_in_memory);
+  gemm_on_packed_q(isa, p_rows, K, P, pack_q(isa, Q, q_rows, K), epilogue, p_in_memory);
+}
+
+int64_t int8_packed_q_bytes(Int8Isa isa, int64_t rows, int64_t K) {
+  return packed_data_bytes(rows, packed_kp(isa, K)) + packed_corr_bytes(rows);
+}
+
+int64_t int8_packed_q_kp(Int8Isa isa, int64_t K) { return packed_kp(isa, K); }
+
+void int8_pack_q(Int8Isa isa, Int8RowSource Q, int64_t rows, int64_t K, int8_t* dst) {
+  TORCH_CHECK(isa != Int8Isa::kAvx2, "qkernels: int8_pack_q: AVX2 packs with avx2_pack_q");
+  const int64_t Kp = packed_kp(isa, K);
+  pack_q_into(Q, rows, K, Kp, biased_isa(isa), dst, reinterpret_cast<int32_t*>(dst + packed_data_bytes(rows, Kp)));
+}
+
+void int8_gemm_packed(Int8Isa isa, int64_t p_rows, int64_t K, Int8RowSource P, const Int8PackedQ& q,
+                      const Int8Epilogue& epilogue, Int8RowsInMemory p_in_memory) {
+  if (p_rows == 0 || q.rows == 0) return;
+  TORCH_CHECK(isa != Int8Isa::kAvx2 && q.Kp == packed_kp(isa, K), "qkernels: packed weights do not fit K = ", K,
+              " on ", int8_isa_name(isa));
+  const int64_t data_bytes = packed_data_bytes(q.rows, q.Kp);
+  const PackedQ view = packed_view(q.data, reinterpret_cast<const int32_t*>(q.data + data_bytes), q.rows, q.Kp);
+  gemm_on_packed_q(isa, p_rows, K, P, view, epilogue, p_in_memory);
 }
 
 }  // namespace qkernels

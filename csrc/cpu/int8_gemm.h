@@ -146,6 +146,19 @@ struct Int8RowsInMemory {
 void int8_gemm(Int8Isa isa, int64_t p_rows, int64_t q_rows, int64_t K, Int8RowSource P, Int8RowSource Q,
                const Int8Epilogue& ep, Int8RowsInMemory p_in_memory = {});
 
+// Q packed ahead of the products (a conv layer's weights) for an instruction set other than AVX2 (which has
+// its own, Avx2PackedQ): int8_packed_q_bytes(isa, rows, K) bytes at data, written by int8_pack_q.
+struct Int8PackedQ {
+  const int8_t* data = nullptr;
+  int64_t rows = 0, Kp = 0;  // Kp: K as padded for isa (int8_packed_q_kp)
+};
+int64_t int8_packed_q_bytes(Int8Isa isa, int64_t rows, int64_t K);
+int64_t int8_packed_q_kp(Int8Isa isa, int64_t K);
+void int8_pack_q(Int8Isa isa, Int8RowSource Q, int64_t rows, int64_t K, int8_t* dst);
+// int8_gemm with Q packed by int8_pack_q for the same isa and K.
+void int8_gemm_packed(Int8Isa isa, int64_t p_rows, int64_t K, Int8RowSource P, const Int8PackedQ& q,
+                      const Int8Epilogue& ep, Int8RowsInMemory p_in_memory = {});
+
 // Whether a product of M pixels by O channels should put pixels on P's rows (channels on the columns):
 // that orientation has the vectorised tile epilogue and reads 1x1-conv rows in place, and packing
 // costs the same either way (each operand is read once), so it wins unless M is too small to fill

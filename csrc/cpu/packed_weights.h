@@ -17,14 +17,17 @@ namespace qkernels {
 // What a blob holds for one conv, or valid == false.
 struct PackedConvWeights {
   bool valid = false;
+  Int8Isa isa = Int8Isa::kPortable;  // packed for
   int64_t groups = 0;
   const at::Tensor* blob = nullptr;
-  Avx2PackedQ group(int64_t g) const;  // Q of group g (rows O/groups, K = kh*kw*C/groups in patch order)
+  // Q of group g (rows O/groups, K = kh*kw*C/groups in patch order): for AVX2, and for the others
+  Avx2PackedQ group(int64_t g) const;
+  Int8PackedQ gemm_group(int64_t g) const;
 };
 
-// Packs weight [O, C/groups, kh, kw] for the current instruction set; an empty tensor where it has no
-// packed form (instruction sets other than AVX2 pack per call). Depthwise weights are packed for the AVX2
-// depthwise kernel (kernels up to 4 rows high), in a blob of their own kind.
+// Packs weight [O, C/groups, kh, kw] for the current instruction set (the GEMM's layout for it). Depthwise
+// weights are packed only for the AVX2 depthwise kernel (kernels up to 4 rows high), in a blob of their own
+// kind; other depthwise convs get an empty tensor (their kernels read the weights as they are).
 at::Tensor pack_conv2d_int8_weight_cpu(const at::Tensor& weight, int64_t groups);
 
 // The blob's view for a (non-depthwise) conv of shape s on instruction set isa (valid == false if it does
