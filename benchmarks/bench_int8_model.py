@@ -244,8 +244,8 @@ def bench_layers(args, device, ours_model, ao_model, batch, size):
                          ours_label="ours (int8 static)")
     sec.notes.append("Each layer on the input it gets inside its model, writing what it writes there: ours int8 "
                      "codes in where the producer is chained (else float, quantized inside the layer: marked "
-                     "'float in') and int8 codes out where it is chained itself, torch.ao quint8; map size is "
-                     "the layer's input.")
+                     "'float in', and torch.ao's time then includes the quantize_per_tensor before its conv) and int8 "
+                     "codes out where it is chained itself, torch.ao quint8; map size is the layer's input.")
     ratios = []
     for name, mod in ours_mods.items():
         x = ours_in.get(name)
@@ -255,7 +255,14 @@ def bench_layers(args, device, ours_model, ao_model, batch, size):
         peers = {}
         fns = {"ours": as_in_its_model(mod)}
         if peer is not None and name in ao_in:
-            fns["torch.ao"] = (lambda m, t: lambda _: m(t))(peer, ao_in[name])
+            q = ao_in[name]
+            if x.dtype != torch.int8 and q.is_quantized:
+                # ours quantizes its float input inside the layer; torch.ao's model has a quantize node before
+                # its conv, which is timed with it here so that both start from the same float input
+                fns["torch.ao"] = (lambda m, xf, s, z, dt: lambda _: m(torch.quantize_per_tensor(xf, s, z, dt)))(
+                    peer, x, q.q_scale(), q.q_zero_point(), q.dtype)
+            else:
+                fns["torch.ao"] = (lambda m, t: lambda _: m(t))(peer, q)
         with torch.inference_mode():
             t = common.measure_group(fns, [x], device, quick=True, repeats=5 if args.quick else 9,
                                      max_total_s=0.4 if args.quick else 1.0)

@@ -30,6 +30,9 @@ TORCH_LIBRARY(qkernels, m) {
   // (x fake-quantized with the given scale, mask)
   m.def("fake_quant_with_scale(Tensor x, Tensor scale, int bits, bool clip_grad=False) -> (Tensor, Tensor)");
   m.def("quantize_with_scale(Tensor x, Tensor scale, int bits) -> Tensor");
+  // the same codes of a 4-D x [N, C, H, W], always in channels_last memory (CPU): a model's NCHW input is
+  // quantized and transposed in one pass for the int8 kernels, which read NHWC
+  m.def("quantize_with_scale_channels_last(Tensor x, Tensor scale, int bits) -> Tensor");
   // one scale per slice along `axis`: (out, scales[x.size(axis)]); its clip backward reads x (a weight,
   // which autograd keeps anyway)
   m.def(

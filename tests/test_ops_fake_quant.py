@@ -14,6 +14,8 @@ How results are compared, and why:
 - Scales are maxima of the input values, so they must match the reference exactly.
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -891,6 +893,49 @@ def test_cuda_fake_quant_does_not_synchronise():
         torch.cuda.set_sync_debug_mode("default")
 
 
+# --- quantize_with_scale_channels_last: a model's NCHW input to the int8 kernels' NHWC codes -------------
+
+CHANNELS_LAST_SHAPES = [(2, 3, 7, 19), (1, 3, 30, 33), (2, 5, 4, 9), (3, 1, 2, 2), (0, 3, 4, 4), (1, 3, 1, 1)]
+CHANNELS_LAST_INPUTS = [(torch.float32, 8, "nchw"), (torch.float32, 4, "nchw"), (torch.float32, 12, "nchw"),
+                        (torch.float32, 8, "channels_last"), (torch.float32, 8, "strided"),
+                        (torch.float16, 8, "nchw"), (torch.bfloat16, 8, "nchw")]
+
+
+def _laid_out(x, layout):
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # every other column of a wider tensor
+        wide = torch.zeros(x.shape[:3] + (2 * x.shape[3],), dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    return x
+
+
+@pytest.mark.parametrize("shape", CHANNELS_LAST_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype,bits,layout", CHANNELS_LAST_INPUTS, ids=lambda v: str(v).replace("torch.", ""))
+def test_quantize_with_scale_channels_last(shape, dtype, bits, layout):
+    """Channels_last codes of any 4-D input, equal bit for bit to quantize_with_scale of the same values
+    (the fast path, float32 NCHW up to 8 bits, quantizes plane rows with the same vectorised code and then
+    interleaves them; the others copy to channels_last first), and to the float64 reference within one
+    step on rounding ties (NaN codes 0)."""
+    x = with_non_finite(rand(shape, seed=61)) if math.prod(shape) >= 64 else rand(shape, seed=61)
+    x = _laid_out(x.to(dtype), layout)
+    s = torch.tensor(2.5)
+    got = ops.quantize_with_scale_channels_last(x, s, bits)
+    assert got.shape == x.shape and got.is_contiguous(memory_format=torch.channels_last)
+    assert got.dtype == (torch.int8 if bits <= 8 else torch.int16)
+    assert torch.equal(got, ops.quantize_with_scale(x.contiguous(), s, bits))
+    want = torch.nan_to_num(R.quant_codes(x.float(), s, bits), nan=0.0)
+    assert (got.double() - want).abs().max().item() <= 1 if got.numel() else True
+
+
+def test_quantize_with_scale_channels_last_bad_input():
+    with pytest.raises(RuntimeError, match="4-D"):
+        ops.quantize_with_scale_channels_last(rand((3, 4, 5)), torch.tensor(1.0), 8)
+    with pytest.raises(RuntimeError, match="float"):
+        ops.quantize_with_scale_channels_last(torch.zeros(1, 3, 2, 2, dtype=torch.int8), torch.tensor(1.0), 8)
+
+
 # --- opcheck and torch.compile --------------------------------------------------------------------
 
 def opcheck_samples(device):
@@ -929,7 +974,13 @@ def opcheck_samples(device):
 
 
 def test_opcheck_every_op(device):
-    for op, args in opcheck_samples(device):
+    samples = opcheck_samples(device)
+    if device == "cpu":  # a CPU op: the int8 kernels' input from a model's NCHW float input
+        x4 = rand((2, 3, 4, 5), seed=30)
+        samples += [(ops.quantize_with_scale_channels_last.default, (x4, torch.tensor(0.5), 8)),
+                    (ops.quantize_with_scale_channels_last.default, (x4.contiguous(memory_format=torch.channels_last),
+                                                                      torch.tensor(0.5), 12))]
+    for op, args in samples:
         opcheck(op, args)
 
 

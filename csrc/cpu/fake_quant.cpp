@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <type_traits>
 #include <vector>
 
@@ -354,6 +355,70 @@ at::Tensor quantize_with_scale_cpu(const at::Tensor& x, const at::Tensor& scale,
   return std::get<0>(with_scale_quant(x, scale, bits, true, false));
 }
 
+// out[3w + c] = plane c [w] for w < n: 16 pixels of three planes -> 48 interleaved bytes with nine byte
+// shuffles (each output vector takes its bytes of each plane, the others zeroed by index 0x80).
+QK_TARGET_AVX2 void interleave3_avx2(const int8_t* p0, const int8_t* p1, const int8_t* p2, int64_t n, int8_t* out) {
+  static const auto masks = [] {
+    std::array<std::array<std::array<int8_t, 16>, 3>, 3> m{};  // [output vector][plane][byte]
+    for (int k = 0; k < 3; ++k)
+      for (int i = 0; i < 16; ++i)
+        for (int c = 0; c < 3; ++c) m[k][c][i] = (16 * k + i) % 3 == c ? (int8_t)((16 * k + i) / 3) : (int8_t)0x80;
+    return m;
+  }();
+  __m128i idx[3][3];
+  for (int k = 0; k < 3; ++k)
+    for (int c = 0; c < 3; ++c) idx[k][c] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(masks[k][c].data()));
+  int64_t w = 0;
+  for (; w + 16 <= n; w += 16) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p0 + w));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p1 + w));
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p2 + w));
+    for (int k = 0; k < 3; ++k) {
+      const __m128i v = _mm_or_si128(_mm_or_si128(_mm_shuffle_epi8(a, idx[k][0]), _mm_shuffle_epi8(b, idx[k][1])),
+                                     _mm_shuffle_epi8(c, idx[k][2]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 3 * w + 16 * k), v);
+    }
+  }
+  for (; w < n; ++w) {
+    out[3 * w] = p0[w];
+    out[3 * w + 1] = p1[w];
+    out[3 * w + 2] = p2[w];
+  }
+}
+
+at::Tensor quantize_with_scale_channels_last_cpu(const at::Tensor& x, const at::Tensor& scale, int64_t bits) {
+  check_float_input(x, "x");
+  check_bits(bits);
+  check_scalar_scale(scale, x, "scale");
+  TORCH_CHECK(x.dim() == 4, "qkernels: quantize_with_scale_channels_last expects a 4-D x [N, C, H, W], got ", x.dim(),
+              "-D");
+  if (x.scalar_type() != at::kFloat || bits > 8 || !x.is_contiguous())  // a layout copy first, then the codes
+    return quantize_with_scale_cpu(x.contiguous(at::MemoryFormat::ChannelsLast), scale, bits);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  at::Tensor out = at::empty({N, C, H, W}, x.options().dtype(at::kChar).memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;
+  const QuantParams p = make_params(scale_value(scale.contiguous()), bin_count(bits));
+  const float* xp = x.data_ptr<float>();
+  int8_t* op = out.data_ptr<int8_t>();
+  // One image row at a time: each of its C plane rows quantized into a small buffer (the vectorised codes of
+  // quantize_with_scale, so the same codes), then interleaved into the row's NHWC bytes.
+  at::parallel_for(0, N * H, std::max<int64_t>(1, kGrain / std::max<int64_t>(C * W, 1)), [&](int64_t r0, int64_t r1) {
+    std::vector<int8_t> rows(C * W);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / H, h = r % H;
+      for (int64_t c = 0; c < C; ++c) quantize_block<float, int8_t>(xp + ((n * C + c) * H + h) * W, rows.data() + c * W, W, p);
+      int8_t* o = op + r * W * C;
+      if (C == 3 && cpu_isa() != Isa::kBase) {
+        interleave3_avx2(rows.data(), rows.data() + W, rows.data() + 2 * W, W, o);
+        continue;
+      }
+      for (int64_t w = 0; w < W; ++w)
+        for (int64_t c = 0; c < C; ++c) o[w * C + c] = rows[c * W + w];
+    }
+  });
+  return out;
+}
+
 // Rows of `inner` elements, one channel each (long rows: conv and linear weights along axis 0).
 template <typename T>
 void channel_wise_rows(const T* xp, at::Tensor& out, float* sp, const ChannelLayout& l, int bin, bool codes) {
@@ -546,6 +611,7 @@ TORCH_LIBRARY_IMPL(qkernels, CPU, m) {
   m.impl("quantize_abs_max", &quantize_abs_max_cpu);
   m.impl("fake_quant_with_scale", &fake_quant_with_scale_cpu);
   m.impl("quantize_with_scale", &quantize_with_scale_cpu);
+  m.impl("quantize_with_scale_channels_last", &quantize_with_scale_channels_last_cpu);
   m.impl("fake_channel_wise_quant_abs_max", &fake_channel_wise_quant_abs_max_cpu);
   m.impl("quantize_channel_wise_abs_max", &quantize_channel_wise_abs_max_cpu);
   m.impl("fake_quant_clip_grad", &fake_quant_clip_grad_cpu);

@@ -283,12 +283,18 @@ def _input_codes(x: torch.Tensor, input_scale: Optional[torch.Tensor], bits: int
     already in this layer's scale; a float input is quantized with the static ``input_scale`` (None: the
     batch abs max, which then scales the epilogue; ``handed_abs_max``: that max, already taken by the
     producer as it wrote x). The kernels read NHWC and conv2d_int8 returns
-    channels-last; a float NCHW input (a model's own input) is made so here, as torch's float transpose is
-    several times faster than one of int8 codes. Quantizing is elementwise: the contiguous NHWC view is
-    quantized and handed back as a channels-last view, no layout copies on either side."""
+    channels-last; a float NCHW input (a model's own input) is made so here: on the CPU with a static scale
+    by quantize_with_scale_channels_last (one pass), else by torch's float transpose (several times faster
+    than one of int8 codes), after which quantizing is elementwise: the contiguous NHWC view is quantized and
+    handed back as a channels-last view, no layout copies on either side."""
     if x.dtype == torch.int8:
         return x, epilogue_scale
     nhwc = x.dim() == 4
+    if nhwc and input_scale is not None and x.is_cpu and not x.is_contiguous(memory_format=torch.channels_last) \
+            and not torch.compiler.is_compiling():
+        # quantized and transposed in one pass (torch's transpose of the floats alone took twice as long as
+        # quantizing them: a batch-8 300x300 stem); traced models keep the plain ops below
+        return _ops.quantize_with_scale_channels_last(x, input_scale, bits), epilogue_scale
     if nhwc:
         if not x.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)

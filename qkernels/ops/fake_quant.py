@@ -260,6 +260,11 @@ def _(x, scale, bits):
     return _output_like(x, code_dtype(bits))
 
 
+@torch.library.register_fake("qkernels::quantize_with_scale_channels_last")
+def _(x, scale, bits):
+    return torch.empty_like(x, dtype=code_dtype(bits), memory_format=torch.channels_last)
+
+
 @torch.library.register_fake("qkernels::fake_channel_wise_quant_abs_max")
 def _(x, bits, axis, clip_grad=False):
     return _output_like(x), x.new_empty((x.shape[axis],), dtype=torch.float32)

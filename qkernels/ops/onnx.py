@@ -267,6 +267,7 @@ _TRANSLATIONS = {
     "quantize_abs_max": quantize_abs_max,
     "fake_quant_with_scale": fake_quant_with_scale,
     "quantize_with_scale": quantize_with_scale,
+    "quantize_with_scale_channels_last": quantize_with_scale,  # the same values (ONNX tensors have no layout)
     "fake_channel_wise_quant_abs_max": fake_channel_wise_quant_abs_max,
     "quantize_channel_wise_abs_max": quantize_channel_wise_abs_max,
     "conv2d_int8": conv2d_int8,
