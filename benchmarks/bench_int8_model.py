@@ -187,16 +187,23 @@ def chained_counts(model, example):
     return sum(dt == torch.int8 for dt in seen.values()), len(convs)
 
 
-def handed_counts(model, example) -> int:
-    """Convs of a dynamic model whose input's abs max its producer handed over, in one forward of `model`."""
+def handed_counts(model, example):
+    """(convs of a dynamic model whose input's abs max its producer handed over, those of them whose input
+    came as int8 codes at that scale) in one forward of `model`."""
     convs = dict(int8_convs(model))
     scope = next((m.chain_scope for m in convs.values() if m.chain_scope is not None), None)
     if scope is None:
-        return 0
-    handed = set()
-    forward_seeing_inputs(model, convs, example,
-                          lambda name, x: handed.add(name) if scope.handed_abs_max(x) is not None else None)
-    return len(handed)
+        return 0, 0
+    handed, codes = set(), set()
+
+    def see(name, x):
+        if scope.handed_abs_max(x) is not None:
+            handed.add(name)
+            if x.dtype == torch.int8:
+                codes.add(name)
+
+    forward_seeing_inputs(model, convs, example, see)
+    return len(handed), len(codes)
 
 
 # --- per layer -----------------------------------------------------------------------------------
@@ -349,12 +356,14 @@ def main():
         except Exception as exc:  # recorded in the table, the run goes on
             models["onnxruntime"] = common.Timing(error=common.error_text(exc))
     chained, total = chained_counts(models["ours static"], calib[0])
-    handed = handed_counts(models["ours dynamic"], calib[0])
+    handed, handed_codes = handed_counts(models["ours dynamic"], calib[0])
     notes = [
         "ours static: range_abs_max, BN folded, ReLU fused; %d of %d convs get int8 codes from their producer "
         "(torch.ao passes quint8 between all its quantized ops)." % (chained, total),
-        "ours dynamic: abs_max (scale = max|x| of each batch, at run time); %d of %d convs quantize their input "
-        "with the abs max its producer took while writing it (no reduction pass of their own)." % (handed, total),
+        "ours dynamic: abs_max (scale = max|x| of each batch, at run time); %d of %d convs get their input's abs "
+        "max from its producer (no reduction pass of their own), %d of them as int8 codes at that scale, which "
+        "the producer wrote in a second pass after one for the max alone (no float tensor in between)."
+        % (handed, total, handed_codes),
         "torch.ao: FX prepare_fx/convert_fx, get_default_qconfig_mapping('x86'), engine x86; onnxruntime: "
         "quantize_static QDQ u8/s8 per channel, CPUExecutionProvider; float32: channels_last. All calibrated "
         "on the same %d images." % (2 * len(calib)),

@@ -10,7 +10,9 @@
 namespace qkernels {
 
 enum Int8Activation : int { kActNone = 0, kActRelu = 1, kActRelu6 = 2 };
-enum Int8OutKind : int { kOutFloat = 0, kOutInt32 = 1, kOutInt8 = 2 };
+// kOutNone (CPU kernels only): nothing is stored, the float values are computed for their abs max alone
+// (the first pass of conv2d_int8_packed_requant_abs_max).
+enum Int8OutKind : int { kOutFloat = 0, kOutInt32 = 1, kOutInt8 = 2, kOutNone = 3 };
 
 // NaN passes through both activations, as in torch.relu / F.relu6.
 QK_HD float int8_activate(float v, int act) {

@@ -68,6 +68,12 @@ TORCH_LIBRARY(qkernels, m) {
   m.def(
       "conv2d_int8_packed_abs_max(Tensor x, Tensor weight, Tensor packed, Tensor? bias, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, Tensor scale, str activation) -> (Tensor, Tensor)");
+  // the 8-bit codes that quantizing the float output y of conv2d_int8_packed with its abs max gives (scale
+  // max|y|; a step apart at most, on rounding ties), and that max: a dynamic next layer's input written
+  // directly, in two passes (the first only for the max), no float tensor in between.
+  m.def(
+      "conv2d_int8_packed_requant_abs_max(Tensor x, Tensor weight, Tensor packed, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, Tensor scale, str activation) -> (Tensor, Tensor)");
   // weight [O, C/groups, kh, kw] int8 packed for conv2d_int8_packed on its device (empty where the
   // device's kernels have no packed form).
   m.def("pack_conv2d_int8_weight(Tensor weight, int groups) -> Tensor");

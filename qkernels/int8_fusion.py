@@ -66,7 +66,8 @@ def _data_flow(model: nn.Module, example_inputs: Sequence, layers: Dict[str, nn.
 def chain_shared_outputs(model: nn.Module, example_inputs: Sequence, int8_kinds, int8_conv=None):
     """Chain every int8 layer whose output only int8 layers with one common static input scale read (see the
     module doc), and mark every ``int8_conv`` layer whose output only dynamic (abs_max) int8 layers read to
-    hand them its abs max (``hands_abs_max``). Returns (names chained, names handing their abs max)."""
+    hand them its abs max (``hands_abs_max``) and, where they all take 8-bit codes and it has no ReLU6, those
+    codes (``hands_codes``). Returns (names chained, names handing their abs max)."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, int8_kinds)}
     inputs, outputs, read_outside, returned = _data_flow(model, example_inputs, layers)
     readers: Dict[int, List[str]] = {}
@@ -83,6 +84,8 @@ def chain_shared_outputs(model: nn.Module, example_inputs: Sequence, int8_kinds,
         if all(c.input_scale is None for c in consumers):  # dynamic readers: the abs max is all they need
             if int8_conv is not None and isinstance(producer, int8_conv):
                 producer.hands_abs_max = True
+                if producer.activation != "relu6" and all(c.activation_bits == 8 for c in consumers):
+                    producer.hands_codes = True  # and the 8-bit codes they all take
                 handing.append(name)
             continue
         if producer.activation == "relu6" or not all(c.accepts_codes() for c in consumers):

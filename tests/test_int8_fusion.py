@@ -42,10 +42,10 @@ class SharedMap(nn.Module):
         return outs
 
 
-def converted(net, kind="range_abs_max", trace=True):
+def converted(net, kind="range_abs_max", trace=True, **transpiler_args):
     torch.manual_seed(0)
     warnings.simplefilter("ignore", GraphTraceWarning)
-    t = QuantizeTranspiler(activation_quantize_type=kind, fold_bn=True)
+    t = QuantizeTranspiler(activation_quantize_type=kind, fold_bn=True, **transpiler_args)
     qat = t.training_transpile(net).train()
     gen = torch.Generator().manual_seed(1)
     calib = [torch.randn(2, 3, 16, 16, generator=gen) for _ in range(3)]
@@ -100,9 +100,12 @@ def _count_handed(monkeypatch):
 
 def test_dynamic_producers_hand_their_readers_the_abs_max(monkeypatch):
     """abs_max models: a layer whose output only dynamic int8 layers read takes its abs max while writing it and
-    hands it over; the readers' codes are the same bits as with their own reduction (the untraced conversion)."""
+    hands it over, with the readers' 8-bit codes at that scale (hands_codes, on the CPU); those may move one
+    step on a rounding tie against the readers' own reduction and quantization (the untraced conversion),
+    which no code does on this input, so the outputs are equal."""
     frozen, plain, traced = converted(SharedMap(), kind="abs_max")
     assert traced.body[0][0].hands_abs_max and traced.body[1][0].hands_abs_max  # read by next block and heads
+    assert traced.body[0][0].hands_codes and traced.body[1][0].hands_codes
     assert not traced.next[0][0].hands_abs_max and not traced.heads[0].hands_abs_max  # read by flatten
     assert not any(m.hands_abs_max for m in plain.modules() if isinstance(m, Int8Conv2d))
     counts = _count_handed(monkeypatch)
@@ -112,6 +115,24 @@ def test_dynamic_producers_hand_their_readers_the_abs_max(monkeypatch):
     assert counts["handed"] == 4 and counts["not"] == 1  # every reader but the stem (the image)
     for a, b in zip(want, got):
         assert torch.equal(a, b)
+    check_int8_layer_by_layer(frozen, traced, x)
+
+
+@pytest.mark.parametrize("variant", ["relu6", "4-bit readers"])
+def test_abs_max_without_codes(variant):
+    """A ReLU6 producer (its clamp at 6 is no clamp in codes of the batch scale) and readers of other than 8-bit
+    codes get the abs max with the floats, as before; the outputs then equal the untraced conversion's bit
+    for bit."""
+    net = SharedMap()
+    if variant == "relu6":
+        net.body[1][2] = nn.ReLU6()
+    frozen, plain, traced = converted(net, kind="abs_max", activation_bits=4 if variant == "4-bit readers" else 8)
+    assert traced.body[1][0].hands_abs_max and not traced.body[1][0].hands_codes
+    assert traced.body[0][0].hands_codes == (variant == "relu6")
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        for a, b in zip(plain(x), traced(x)):
+            assert torch.equal(a, b)
     check_int8_layer_by_layer(frozen, traced, x)
 
 
@@ -154,6 +175,8 @@ def test_mobilenet_ssd_dynamic_hands_every_abs_max(monkeypatch):
         got = traced(x)
         want = plain(x)
     assert counts["handed"] == 46 and counts["not"] == 1  # every conv input but the image
+    handing = [m for m in traced.modules() if isinstance(m, Int8Conv2d) and m.hands_abs_max]
+    assert handing and all(m.hands_codes for m in handing)  # codes, not floats, between all of them
     for a, b in zip(want, got):
         assert torch.equal(a, b)
 

@@ -418,7 +418,9 @@ def frozen_reference_after(frozen, name, out):
 def check_int8_layer_by_layer(frozen, int8, x):
     """Every int8 layer, fed the frozen model's input of that layer, gives the frozen layer's output (with
     the fused batch norm and activation) up to float rounding; chained layers give the next layer's input
-    codes within half a code step (the rounding), after the next layer's clipping."""
+    codes within half a code step (the rounding), after the next layer's clipping, and dynamic layers that
+    write their readers' codes (hands_codes) give codes within half a step of the batch scale they hand
+    over, which is the output's abs max."""
     _, records = layer_inputs_and_outputs(frozen, x)
     layers = dict(int8.named_modules())
     assert len(records) == sum(isinstance(m, (Int8Conv2d, Int8Linear)) for m in int8.modules())
@@ -427,11 +429,18 @@ def check_int8_layer_by_layer(frozen, int8, x):
         with torch.no_grad(), (layer.chain_scope or contextlib.nullcontext()):
             want = frozen_reference_after(frozen, name, out)
             got = layer(inp)
+            handed = layer.chain_scope.handed_abs_max(got) if layer.chain_scope is not None else None
         if layer.chained:
             assert got.dtype == torch.int8
             s_n = layer.output_scale
             err = (got.float() * s_n / 127 - want.clamp(-s_n, s_n)).abs().max()
             assert err <= 0.5 * s_n / 127 * (1 + 1e-4) + 1e-6, name
+        elif got.dtype == torch.int8:
+            assert getattr(layer, "hands_codes", False) and handed is not None, name
+            torch.testing.assert_close(handed, want.abs().max(), rtol=1e-5, atol=1e-7, msg=name)
+            step = handed / 127
+            err = (got.float() * step - want).abs().max()
+            assert err <= 0.5 * step * (1 + 1e-4) + 1e-6, name
         else:
             assert got.dtype == torch.float32
             torch.testing.assert_close(got, want, atol=2e-6 * want.abs().max().item() + 1e-7, rtol=0, msg=name)

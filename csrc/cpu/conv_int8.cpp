@@ -58,15 +58,23 @@ struct DepthwiseArgs {
   void* out;  // NHWC
   int64_t esize;
   Isa vec;
+  float* row_out = nullptr;  // set: every output row goes here instead (float rows, for their abs max alone)
 };
+
+// Where output row (b, oh) goes: its place in out, or row_out.
+QK_INLINE char* row_base(const DepthwiseArgs& a, int64_t b, int64_t oh) {
+  if (a.row_out != nullptr) return reinterpret_cast<char*>(a.row_out);
+  const Int8ConvShape& s = *a.s;
+  return static_cast<char*>(a.out) + (b * s.OH + oh) * s.OW * s.C * a.esize;
+}
 
 constexpr int64_t kDwChunk = 128;  // channels per accumulator block (fits in registers / L1)
 
 QK_INLINE void depthwise_row_body(const DepthwiseArgs& a, int64_t b, int64_t oh) {
   const Int8ConvShape& s = *a.s;
   alignas(64) int32_t acc[kDwChunk];
+  char* row = row_base(a, b, oh);
   for (int64_t ow = 0; ow < s.OW; ++ow) {
-    const int64_t pixel = (b * s.OH + oh) * s.OW + ow;
     for (int64_t c0 = 0; c0 < s.C; c0 += kDwChunk) {
       const int64_t cn = std::min(kDwChunk, s.C - c0);
       for (int64_t c = 0; c < cn; ++c) acc[c] = 0;
@@ -82,7 +90,7 @@ QK_INLINE void depthwise_row_body(const DepthwiseArgs& a, int64_t b, int64_t oh)
         }
       }
       int8_epilogue_row(a.vec, acc, cn, a.p->scale.data() + c0, a.p->bias.data() + c0, 1, s.act, s.out_kind,
-                        static_cast<char*>(a.out) + (pixel * s.C + c0) * a.esize, 1);
+                        row + (ow * s.C + c0) * a.esize, 1);
     }
   }
 }
@@ -219,6 +227,7 @@ QK_TARGET_VNNI512_DW void depthwise_row_vnni512(const DepthwiseArgs& a, const Dw
   const int64_t kw = KW > 0 ? KW : s.kw;
   const int64_t px = wv.pixels;  // output pixels per block (stride 1 when > 1)
   const int64_t col_step = px * s.sw * kDwColumnBytes, tap_step = s.dw * kDwColumnBytes;
+  char* row = row_base(a, b, oh);
   for (int64_t blk = 0; blk < wv.blocks; ++blk) {
     const int64_t c0 = blk * 64, cn = px > 1 ? s.C : std::min<int64_t>(64, s.C - c0);  // channels per pixel
     const __mmask64 cm = cn == 64 ? ~(__mmask64)0 : (((__mmask64)1 << cn) - 1);
@@ -256,13 +265,13 @@ QK_TARGET_VNNI512_DW void depthwise_row_vnni512(const DepthwiseArgs& a, const Dw
           }
         __m512i out[4];
         dw_channel_order(acc, out);
-        const int64_t o = ((b * s.OH + oh) * s.OW + ow0 + u * px) * s.C + c0;
+        const int64_t o = (ow0 + u * px) * s.C + c0;  // within the row
         if (KIND == kOutInt8) {
-          epilogue64_int8_avx512<ACT>(out, sc, bi, 4, lm, static_cast<int8_t*>(a.out) + o);
+          epilogue64_int8_avx512<ACT>(out, sc, bi, 4, lm, reinterpret_cast<int8_t*>(row) + o);
           continue;
         }
         for (int v = 0; v < 4; ++v)
-          if (nl > 16 * v) epilogue16_avx512_sb<KIND, ACT>(out[v], sc[v], bi[v], (__mmask16)(lm >> (16 * v)), a.out, o + 16 * v);
+          if (nl > 16 * v) epilogue16_avx512_sb<KIND, ACT>(out[v], sc[v], bi[v], (__mmask16)(lm >> (16 * v)), row, o + 16 * v);
       }
     }
   }
@@ -295,28 +304,38 @@ void depthwise_vnni512(const DepthwiseArgs& a, const DwVnniWeights& wv, int8_t* 
   }
 }
 
-// max |y| of output row (b, oh) of a float NHWC output (the paths that gather it per row, from cache)
-uint32_t row_abs_max_bits(const Int8ConvShape& s, const at::Tensor& out, int64_t b, int64_t oh) {
-  return finite_abs_max_bits(out.data_ptr<float>() + (b * s.OH + oh) * s.OW * s.O, s.OW * s.O);
+// max |y| of output row (b, oh) of float NHWC rows as written (the paths that gather it per row, from cache)
+uint32_t row_abs_max_bits(const DepthwiseArgs& a, int64_t b, int64_t oh) {
+  return finite_abs_max_bits(reinterpret_cast<const float*>(row_base(a, b, oh)), a.s->OW * a.s->C);
 }
 
+// out: NHWC, typed by s.out_kind (null for kOutNone: the row kernels then write each row's float values into
+// a buffer of their thread and the abs max is taken there; the AVX2 kernel keeps it in registers).
 void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8ConvShape& s, const ChannelParams& p,
-                    at::Tensor& out, const at::Tensor* blob, AbsMaxSink* abs_max) {
-  if (s.out_kind != kOutFloat) abs_max = nullptr;
+                    void* out, const at::Tensor* blob, AbsMaxSink* abs_max) {
+  if (s.out_kind != kOutFloat && s.out_kind != kOutNone) abs_max = nullptr;
+  const bool values_only = s.out_kind == kOutNone;
+  Int8ConvShape sf = s;  // what the row kernels write
+  if (values_only) sf.out_kind = kOutFloat;
+  const int64_t esize = s.out_kind == kOutInt8 ? 1 : 4;
+  const int64_t row_floats = values_only ? s.OW * s.C : 0;
   at::Tensor wc = weight.contiguous();
   const int8_t* wp = wc.data_ptr<int8_t>();
   const Int8Isa int8isa = int8_isa();
   const Isa isa = int8_vector_isa(int8isa);
+  DepthwiseArgs a{xc.data_ptr<int8_t>(), nullptr, &sf, &p, out, esize, isa};
   if (int8isa >= Int8Isa::kAvx512Vnni && s.kh <= kDwMaxRows) {
     const DwVnniWeights wv(wp, s, p);
-    DepthwiseArgs a{xc.data_ptr<int8_t>(), nullptr, &s, &p, out.data_ptr(), (int64_t)out.element_size(), isa};
     at::parallel_for(0, s.N * s.OH, 1, [&](int64_t r0, int64_t r1) {
       std::vector<int8_t> mem(dw_buffer_columns(s) * kDwColumnBytes + 64);
       int8_t* buf = mem.data() + (64 - reinterpret_cast<uintptr_t>(mem.data()) % 64) % 64;  // aligned stores
+      std::vector<float> row(row_floats);
+      DepthwiseArgs ta = a;
+      if (values_only) ta.row_out = row.data();
       uint32_t m = 0;
       for (int64_t r = r0; r < r1; ++r) {
-        depthwise_vnni512(a, wv, buf, r / s.OH, r % s.OH);
-        if (abs_max != nullptr) m = std::max(m, row_abs_max_bits(s, out, r / s.OH, r % s.OH));
+        depthwise_vnni512(ta, wv, buf, r / s.OH, r % s.OH);
+        if (abs_max != nullptr) m = std::max(m, row_abs_max_bits(ta, r / s.OH, r % s.OH));
       }
       if (abs_max != nullptr) abs_max->merge(m);
     });
@@ -330,19 +349,21 @@ void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8Co
     for (int64_t c = 0; c < s.C; ++c)
       for (int64_t t = 0; t < s.kh * s.kw; ++t) w16[t * s.C + c] = wp[c * s.kh * s.kw + t];
   };
-  DepthwiseArgs a{xc.data_ptr<int8_t>(), nullptr, &s, &p, out.data_ptr(), (int64_t)out.element_size(), isa};
   if (int8isa == Int8Isa::kAvx2 && depthwise_avx2_applies(s)) {
     std::once_flag widened;
     const int8_t* packed = blob != nullptr ? packed_depthwise_weights(*blob, s, int8isa) : nullptr;
     depthwise_avx2(
-        xc.data_ptr<int8_t>(), wp, packed, s, p.scale.data(), p.bias.data(), out.data_ptr(),
+        xc.data_ptr<int8_t>(), wp, packed, s, p.scale.data(), p.bias.data(), out,
         [&](int64_t b, int64_t oh) {
           std::call_once(widened, [&] {
             widen();
             a.w = w16.data();
           });
-          depthwise_row_avx2(a, b, oh);
-          if (abs_max != nullptr) abs_max->merge(row_abs_max_bits(s, out, b, oh));
+          std::vector<float> row(row_floats);
+          DepthwiseArgs ra = a;
+          if (values_only) ra.row_out = row.data();
+          depthwise_row_avx2(ra, b, oh);
+          if (abs_max != nullptr) abs_max->merge(row_abs_max_bits(ra, b, oh));
         },
         abs_max);
     return;
@@ -350,15 +371,18 @@ void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8Co
   widen();
   a.w = w16.data();
   at::parallel_for(0, s.N * s.OH, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(row_floats);
+    DepthwiseArgs ta = a;
+    if (values_only) ta.row_out = row.data();
     uint32_t m = 0;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / s.OH, oh = r % s.OH;
       switch (isa) {
-        case Isa::kAvx512: depthwise_row_avx512(a, b, oh); break;
-        case Isa::kAvx2: depthwise_row_avx2(a, b, oh); break;
-        default: depthwise_row_base(a, b, oh); break;
+        case Isa::kAvx512: depthwise_row_avx512(ta, b, oh); break;
+        case Isa::kAvx2: depthwise_row_avx2(ta, b, oh); break;
+        default: depthwise_row_base(ta, b, oh); break;
       }
-      if (abs_max != nullptr) m = std::max(m, row_abs_max_bits(s, out, b, oh));
+      if (abs_max != nullptr) m = std::max(m, row_abs_max_bits(ta, b, oh));
     }
     if (abs_max != nullptr) abs_max->merge(m);
   });
@@ -523,8 +547,9 @@ bool weights_reorder_while_packing(const Int8ConvShape& s, Int8Isa isa) {
   return T > 1 && T <= 16 && Cg % 8 == 0 && vbmi && int8_vector_isa(isa) == Isa::kAvx512;
 }
 
+// out: NHWC, typed by s.out_kind (null for kOutNone: the abs max only).
 void grouped_gemm_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8ConvShape& s, const ChannelParams& p,
-                       at::Tensor& out, const PackedConvWeights& packed, AbsMaxSink* abs_max) {
+                       void* out, const PackedConvWeights& packed, AbsMaxSink* abs_max) {
   const int64_t Cg = s.C / s.groups, Og = s.O / s.groups, K = s.kh * s.kw * Cg;
   const int64_t M = s.N * s.OH * s.OW;
   const Int8Isa isa = int8_isa();
@@ -556,7 +581,7 @@ void grouped_gemm_conv(const at::Tensor& xc, const at::Tensor& weight, const Int
       for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * ld, wp + (g * Og + r0 + i) * K, K);
     };
     Int8Epilogue ep;
-    ep.out = out.data_ptr();
+    ep.out = out;
     ep.out_kind = s.out_kind;
     ep.offset = g * Og;
     ep.channel_offset = g * Og;
@@ -582,22 +607,33 @@ void grouped_gemm_conv(const at::Tensor& xc, const at::Tensor& weight, const Int
   }
 }
 
+// The conv of shape s (checked) with channel parameters p: out typed by s.out_kind (undefined for kOutNone),
+// max |y| into abs_max where wanted (float output or none).
+void run_conv(const at::Tensor& xc, const at::Tensor& weight, const at::Tensor* blob, const Int8ConvShape& s,
+              const ChannelParams& p, at::Tensor& out, AbsMaxSink* abs_max) {
+  void* o = s.out_kind == kOutNone ? nullptr : out.data_ptr();
+  if (s.groups == s.C && s.groups == s.O)
+    depthwise_conv(xc, weight, s, p, o, blob, abs_max);
+  else
+    grouped_gemm_conv(xc, weight, s, p, o, blob != nullptr ? packed_conv_weights(*blob, s, int8_isa()) : PackedConvWeights{},
+                      abs_max);
+}
+
+at::Tensor new_conv_output(const at::Tensor& x, const Int8ConvShape& s) {
+  return at::empty({s.N, s.O, s.OH, s.OW},
+                   x.options().dtype(out_scalar_type(s.out_kind)).memory_format(at::MemoryFormat::ChannelsLast));
+}
+
 at::Tensor conv2d_int8_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* blob,
                             const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups, const at::Tensor& scale, at::ScalarType out_dtype,
                             c10::string_view activation, AbsMaxSink* abs_max = nullptr) {
   const Int8ConvShape s =
       check_conv2d_int8(x, weight, bias, stride, padding, dilation, groups, scale, out_dtype, activation);
-  at::Tensor out = at::empty({s.N, s.O, s.OH, s.OW},
-                             x.options().dtype(out_scalar_type(s.out_kind)).memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor out = new_conv_output(x, s);
   if (out.numel() == 0) return out;
   const ChannelParams p(scale, bias, s.O);
-  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  if (s.groups == s.C && s.groups == s.O)
-    depthwise_conv(xc, weight, s, p, out, blob, abs_max);
-  else
-    grouped_gemm_conv(xc, weight, s, p, out,
-                      blob != nullptr ? packed_conv_weights(*blob, s, int8_isa()) : PackedConvWeights{}, abs_max);
+  run_conv(x.contiguous(at::MemoryFormat::ChannelsLast), weight, blob, s, p, out, abs_max);
   return out;
 }
 
@@ -625,6 +661,42 @@ std::tuple<at::Tensor, at::Tensor> conv2d_int8_packed_abs_max_cpu(
                                     activation, &sink);
   at::Tensor m = at::empty({}, x.options().dtype(at::kFloat));
   *m.data_ptr<float>() = sink.value();
+  return {out, m};
+}
+
+// The int8 codes a dynamic (abs_max, 8-bit) reader of the float output y would quantize it to, with the scale
+// it would take, max |y|, and that max: two passes, the first computing y only for its max (nothing stored),
+// the second writing codes with 127 / max folded into the epilogue (scale * f, bias * f: the chaining of
+// static layers, so codes agree with quantizing y up to a step on rounding ties). Cheaper than writing y as
+// float and reading it back: on the large early maps that round trip costs several times the product.
+std::tuple<at::Tensor, at::Tensor> conv2d_int8_packed_requant_abs_max_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const at::Tensor& scale,
+    c10::string_view activation) {
+  TORCH_CHECK(activation != "relu6", "qkernels: conv2d_int8_packed_requant_abs_max cannot fold relu6 (its clamp at 6 "
+              "is not one in codes of the batch scale); use conv2d_int8_packed_abs_max");
+  Int8ConvShape s = check_conv2d_int8(x, weight, bias, stride, padding, dilation, groups, scale, at::kChar, activation);
+  at::Tensor m = at::empty({}, x.options().dtype(at::kFloat));
+  *m.data_ptr<float>() = 0.f;
+  at::Tensor out = new_conv_output(x, s);
+  if (out.numel() == 0) return {out, m};
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  ChannelParams p(scale, bias, s.O);
+  AbsMaxSink sink;
+  Int8ConvShape first = s;
+  first.out_kind = kOutNone;
+  at::Tensor none;
+  run_conv(xc, weight, &packed, first, p, none, &sink);
+  const float y_max = sink.value();
+  *m.data_ptr<float>() = y_max;
+  // 127 / max (0 for an unusable max: codes 0, as quantize_with_scale gives). The epilogue's saturation at
+  // +-127 is then the clip to [-max, max] (an infinite y gives +-127 both ways; 8-bit codes only).
+  const float f = make_params(y_max, bin_count(8)).inv_step;
+  for (int64_t c = 0; c < s.O; ++c) {
+    p.scale[c] *= f;
+    p.bias[c] *= f;
+  }
+  run_conv(xc, weight, &packed, s, p, out, nullptr);
   return {out, m};
 }
 
@@ -666,6 +738,7 @@ TORCH_LIBRARY_IMPL(qkernels, CPU, m) {
   m.impl("conv2d_int8", &conv2d_int8_cpu);
   m.impl("conv2d_int8_packed", &conv2d_int8_packed_cpu);
   m.impl("conv2d_int8_packed_abs_max", &conv2d_int8_packed_abs_max_cpu);
+  m.impl("conv2d_int8_packed_requant_abs_max", &conv2d_int8_packed_requant_abs_max_cpu);
   m.impl("pack_conv2d_int8_weight", &pack_conv2d_int8_weight_cpu);
   m.impl("linear_int8", &linear_int8_cpu);
 }

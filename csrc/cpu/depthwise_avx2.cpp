@@ -148,7 +148,7 @@ QK_TARGET_AVX2 QK_INLINE void store_block(const __m256i acc[4], const __m256 sc[
     }
     return;
   }
-  // float / int32: to channel order first (a 2x2 transpose of 128-bit lanes)
+  // float / int32 / none (o null: the abs max only): to channel order first (a 2x2 transpose of 128-bit lanes)
   const __m256i o0 = _mm256_permute2x128_si256(acc[0], acc[1], 0x20);  // channels 0-7
   const __m256i o1 = _mm256_permute2x128_si256(acc[2], acc[3], 0x20);  // 8-15
   const __m256i o2 = _mm256_permute2x128_si256(acc[0], acc[1], 0x31);  // 16-23
@@ -158,7 +158,7 @@ QK_TARGET_AVX2 QK_INLINE void store_block(const __m256i acc[4], const __m256 sc[
   const __m256 b01[2] = {_mm256_permute2f128_ps(bi[0], bi[1], 0x20), _mm256_permute2f128_ps(bi[2], bi[3], 0x20)};
   const __m256 b23[2] = {_mm256_permute2f128_ps(bi[0], bi[1], 0x31), _mm256_permute2f128_ps(bi[2], bi[3], 0x31)};
   epilogue16_avx2<KIND, ACT>(o0, o1, s01, b01, std::min<int64_t>(cn, 16), o, abs_max);
-  if (cn > 16) epilogue16_avx2<KIND, ACT>(o2, o3, s23, b23, cn - 16, o + 16 * 4, abs_max);
+  if (cn > 16) epilogue16_avx2<KIND, ACT>(o2, o3, s23, b23, cn - 16, KIND == kOutNone ? o : o + 16 * 4, abs_max);
 }
 
 // One output row (b, oh), channel blocks [blk0, blk1); returns false when some input was negative (the row
@@ -172,7 +172,7 @@ QK_TARGET_AVX2 bool depthwise_row(const int8_t* x, const Weights& wv, const Int8
                                   int64_t b, int64_t oh, int64_t blk0, int64_t blk1, uint32_t* abs_max) {
   const int64_t kw = KW > 0 ? KW : s.kw;
   const bool second = PAIR && oh + 1 < s.OH;
-  const int64_t esize = KIND == kOutInt8 ? 1 : 4;
+  const int64_t esize = KIND == kOutInt8 ? 1 : KIND == kOutNone ? 0 : 4;  // kOutNone: out is null, nothing stored
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i seen = _mm256_setzero_si256(), row_max = _mm256_setzero_si256();
   __m256i* const max_to = abs_max != nullptr ? &row_max : nullptr;
@@ -249,6 +249,7 @@ bool depthwise_row_any(const int8_t* x, const Weights& wv, const Int8ConvShape& 
   switch (s.out_kind) {
     case kOutInt32: return depthwise_row_kind<kOutInt32>(x, wv, s, out, buf, b, oh, blk0, blk1, nullptr);
     case kOutInt8: return depthwise_row_kind<kOutInt8>(x, wv, s, out, buf, b, oh, blk0, blk1, nullptr);
+    case kOutNone: return depthwise_row_kind<kOutNone>(x, wv, s, out, buf, b, oh, blk0, blk1, m);
     default: return depthwise_row_kind<kOutFloat>(x, wv, s, out, buf, b, oh, blk0, blk1, m);
   }
 }
@@ -280,7 +281,7 @@ void depthwise_avx2(const int8_t* x, const int8_t* w, const int8_t* packed, cons
   run_workers(queue, [&] {
     std::vector<int8_t> mem(ncols * kColumn + 32);
     int8_t* buf = mem.data() + (32 - reinterpret_cast<uintptr_t>(mem.data()) % 32) % 32;
-    const bool want_max = abs_max != nullptr && s.out_kind == kOutFloat;
+    const bool want_max = abs_max != nullptr && (s.out_kind == kOutFloat || s.out_kind == kOutNone);
     uint32_t task_max = 0;
     for (int64_t i; queue.next(i);) {
       const int64_t r = i / parts, part = i % parts;

@@ -504,6 +504,39 @@ QK_TARGET_AVX512 void tile_epilogue_avx512(const Int8Epilogue& ep, int64_t r0, i
   }
 }
 
+// kOutNone: the bits of max finite |y| over a tile's values (rows pixels, at most 64 contiguous channels),
+// straight from the accumulators, nothing stored.
+template <int ACT>
+QK_TARGET_AVX512 uint32_t tile_abs_max_avx512(const Int8Epilogue& ep, int64_t nr, int64_t c0, int64_t nc,
+                                              const int32_t* C, int64_t ldc) {
+  const int nvec = (int)((nc + 15) / 16);
+  __m512 s[4], b[4];
+  __mmask16 m[4];
+  for (int v = 0; v < nvec; ++v) {
+    const int64_t left = nc - 16 * v;
+    m[v] = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+    s[v] = _mm512_maskz_loadu_ps(m[v], ep.scale + ep.channel_offset + c0 + 16 * v);
+    b[v] = _mm512_maskz_loadu_ps(m[v], ep.bias + ep.channel_offset + c0 + 16 * v);
+  }
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+  __m512i mx = _mm512_setzero_si512();
+  for (int64_t i = 0; i < nr; ++i)
+    for (int v = 0; v < nvec; ++v) {  // lanes past nc: zero accumulator and parameters, so y = 0
+      const __m512 y = epilogue_value16<ACT>(_mm512_maskz_loadu_epi32(m[v], C + i * ldc + 16 * v), s[v], b[v]);
+      const __m512i a = _mm512_and_si512(_mm512_castps_si512(y), magnitude);
+      mx = _mm512_mask_max_epu32(mx, _mm512_cmplt_epu32_mask(a, inf), mx, a);  // Inf and NaN left out
+    }
+  return _mm512_reduce_max_epu32(mx);
+}
+
+uint32_t tile_abs_max(const Int8Epilogue& ep, int64_t nr, int64_t c0, int64_t nc, const int32_t* C, int64_t ldc) {
+  switch (ep.act) {
+    case kActRelu: return tile_abs_max_avx512<kActRelu>(ep, nr, c0, nc, C, ldc);
+    case kActRelu6: return tile_abs_max_avx512<kActRelu6>(ep, nr, c0, nc, C, ldc);
+    default: return tile_abs_max_avx512<kActNone>(ep, nr, c0, nc, C, ldc);
+  }
+}
+
 template <int KIND>
 void tile_epilogue_kind(const Int8Epilogue& ep, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const int32_t* C,
                         int64_t ldc) {
@@ -557,6 +590,7 @@ void int8_epilogue_row(Isa vec, const int32_t* acc, int64_t n, const float* s, c
 }
 
 void Int8Epilogue::apply(int64_t r0, int64_t nr, int64_t c0, int64_t nc, const int32_t* C, int64_t ldc) const {
+  if (out_kind == kOutNone) return merge_values_abs_max(r0, nr, c0, nc, C, ldc);
   write(r0, nr, c0, nc, C, ldc);
   if (abs_max == nullptr || out_kind != kOutFloat) return;
   // the tile just written, read back from L1 (the paths without a register form of the abs max)
@@ -564,6 +598,24 @@ void Int8Epilogue::apply(int64_t r0, int64_t nr, int64_t c0, int64_t nc, const i
   for (int64_t i = 0; i < nr; ++i)
     m = std::max(m, finite_abs_max_bits(static_cast<const float*>(out) + (r0 + i) * row_stride + c0 * col_stride + offset,
                                         nc, col_stride));
+  abs_max->merge(m);
+}
+
+void Int8Epilogue::merge_values_abs_max(int64_t r0, int64_t nr, int64_t c0, int64_t nc, const int32_t* C,
+                                        int64_t ldc) const {
+  TORCH_CHECK(abs_max != nullptr, "qkernels: an int8 product with no output must gather an abs max");
+  if (vec == Isa::kAvx512 && !channel_on_rows && nc <= 64) return abs_max->merge(tile_abs_max(*this, nr, c0, nc, C, ldc));
+  // else the float values of a row, up to 64 at a time, in a buffer that stays in L1
+  alignas(64) float values[64];
+  uint32_t m = 0;
+  for (int64_t i = 0; i < nr; ++i)
+    for (int64_t j = 0; j < nc; j += 64) {
+      const int64_t n = std::min<int64_t>(64, nc - j);
+      const int64_t ch = channel_offset + (channel_on_rows ? r0 + i : c0 + j);
+      int8_epilogue_row(vec, C + i * ldc + j, n, scale + ch, bias + ch, channel_on_rows ? 0 : 1, act, kOutFloat, values,
+                        1);
+      m = std::max(m, finite_abs_max_bits(values, n));
+    }
   abs_max->merge(m);
 }
 

@@ -42,13 +42,16 @@ struct Int8Epilogue {
   Isa vec = Isa::kBase;  // set by int8_gemm from its instruction set
   // Float output: also gather max |y| here (null: not wanted), the batch abs max a dynamic next layer
   // quantizes with, taken while the values are in registers or cache instead of in a pass of its own.
+  // kOutNone: the abs max is all there is (out may be null).
   AbsMaxSink* abs_max = nullptr;
 
-  // Writes the tile C[0..nr)[0..nc) (row stride ldc) whose top-left product element is (r0, c0).
+  // Writes the tile C[0..nr)[0..nc) (row stride ldc) whose top-left product element is (r0, c0) (for
+  // kOutNone: only merges the abs max of its values).
   void apply(int64_t r0, int64_t nr, int64_t c0, int64_t nc, const int32_t* C, int64_t ldc) const;
 
  private:
   void write(int64_t r0, int64_t nr, int64_t c0, int64_t nc, const int32_t* C, int64_t ldc) const;
+  void merge_values_abs_max(int64_t r0, int64_t nr, int64_t c0, int64_t nc, const int32_t* C, int64_t ldc) const;
 };
 
 // out[j * ostride] = epilogue(acc[j]) for j < n, with channel parameters s[j * pstep], b[j * pstep];

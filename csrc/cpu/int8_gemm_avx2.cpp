@@ -50,7 +50,7 @@ QK_TARGET_AVX2 QK_INLINE void load_params16(const float* p, int64_t n, __m256 ou
 template <int KIND, int ACT, bool ABS_MAX = false>
 QK_TARGET_AVX2 void tile_epilogue_avx2_t(const Int8Epilogue& ep, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                                          const int32_t* C, int64_t ldc) {
-  const int64_t esize = KIND == kOutInt8 ? 1 : 4;
+  const int64_t esize = KIND == kOutInt8 ? 1 : KIND == kOutNone ? 0 : 4;  // kOutNone: out null, no stores
   __m256 s[2], b[2];
   if (KIND != kOutInt32) {
     load_params16(ep.scale + ep.channel_offset + c0, nc, s);
@@ -82,6 +82,7 @@ void finish_tile(const Int8Epilogue& ep, int64_t r0, int64_t nr, int64_t c0, int
   switch (ep.out_kind) {
     case kOutInt32: return tile_epilogue_kind<kOutInt32>(ep, r0, nr, c0, nc, C, kNr);
     case kOutInt8: return tile_epilogue_kind<kOutInt8>(ep, r0, nr, c0, nc, C, kNr);
+    case kOutNone: return tile_epilogue_kind<kOutNone, true>(ep, r0, nr, c0, nc, C, kNr);
     default:
       if (ep.abs_max != nullptr) return tile_epilogue_kind<kOutFloat, true>(ep, r0, nr, c0, nc, C, kNr);
       return tile_epilogue_kind<kOutFloat>(ep, r0, nr, c0, nc, C, kNr);
@@ -135,7 +136,7 @@ QK_TARGET_AVX2 void kernel_u8(const int8_t* A, int64_t lda, const int8_t* B, int
 template <int KIND, int ACT, bool ABS_MAX>
 QK_TARGET_AVX2 void block_u8_fused(const Int8Epilogue& ep, const int8_t* A, int64_t lda, const int8_t* B, int64_t kp4,
                                    int64_t r0, int64_t rows, int64_t c0, int64_t nc) {
-  const int64_t esize = KIND == kOutInt8 ? 1 : 4;
+  const int64_t esize = KIND == kOutInt8 ? 1 : KIND == kOutNone ? 0 : 4;  // kOutNone: out null, no stores
   __m256i m = _mm256_setzero_si256();
   for (int64_t r = 0; r < rows; r += kMr) {
     __m256i acc[kMr][2];
@@ -175,6 +176,7 @@ FusedBlock fused_block(const Int8Epilogue& ep) {
   switch (ep.out_kind) {
     case kOutInt32: return fused_block_act<kOutInt32>(ep.act);
     case kOutInt8: return fused_block_act<kOutInt8>(ep.act);
+    case kOutNone: return fused_block_act<kOutNone, true>(ep.act);
     default: return ep.abs_max != nullptr ? fused_block_act<kOutFloat, true>(ep.act) : fused_block_act<kOutFloat>(ep.act);
   }
 }

@@ -71,8 +71,8 @@ QK_TARGET_AVX2 QK_INLINE __m128i avx2_pack16(__m256i r0, __m256i r1) {
 }
 
 // The epilogue of 16 accumulators (a0: lanes 0-7, a1: 8-15) with channel parameters s, b in registers,
-// the first n <= 16 stored at out (typed by KIND). With float output and `abs_max`, the lanes' finite
-// |y| bits are max-ed into it: all 16 lanes, so lanes past n must hold zero parameters (their y is 0).
+// the first n <= 16 stored at out (typed by KIND). With float output (or none) and `abs_max`, the lanes'
+// finite |y| bits are max-ed into it: all 16 lanes, so lanes past n must hold zero parameters (their y is 0).
 template <int KIND, int ACT>
 QK_TARGET_AVX2 QK_INLINE void epilogue16_avx2(__m256i a0, __m256i a1, const __m256 s[2], const __m256 b[2], int64_t n,
                                              void* out, __m256i* abs_max = nullptr) {
@@ -85,9 +85,10 @@ QK_TARGET_AVX2 QK_INLINE void epilogue16_avx2(__m256i a0, __m256i a1, const __m2
     return;
   }
   const __m256 v0 = avx2_value8<ACT>(a0, s[0], b[0]), v1 = avx2_value8<ACT>(a1, s[1], b[1]);
-  if (KIND == kOutFloat) {
+  if (KIND == kOutFloat || KIND == kOutNone) {
     if (abs_max != nullptr)
       *abs_max = _mm256_max_epu32(*abs_max, _mm256_max_epu32(avx2_finite_abs_bits8(v0), avx2_finite_abs_bits8(v1)));
+    if (KIND == kOutNone) return;
     if (n == 16) {
       _mm256_storeu_ps(static_cast<float*>(out), v0);
       _mm256_storeu_ps(static_cast<float*>(out) + 8, v1);

@@ -25,7 +25,12 @@ Dynamic (``abs_max``) models cannot chain (the next scale is the batch abs max o
 Int8Conv2d whose output only dynamic int8 layers read (``hands_abs_max``, set by convert_to_int8 from a
 traced forward) takes that abs max while its kernels write the floats
 (``conv2d_int8_packed_abs_max``) and hands it to the readers through the chain scope, for exactly that
-output tensor: they quantize with it instead of reducing over the tensor again. Same codes, bit for bit.
+output tensor: they quantize with it instead of reducing over the tensor again (same codes, bit for bit).
+On the CPU, where the readers all take 8-bit codes and the layer has no ReLU6 (``hands_codes``), it writes those codes itself instead of the floats
+(``conv2d_int8_packed_requant_abs_max``: its kernels run twice, first for the abs max alone, then writing
+codes with the scale folded into the epilogue as for chained static layers, so a code may move one step
+on a rounding tie): the float tensor, four bytes a value written and read back, was most of a dynamic
+model's time on large maps.
 
 State (``state_dict``): ``weight`` (int8; or uint8 = code + 128 with ``weight_storage="uint8"``, converted
 back to int8 on load), ``weight_scale``, ``bias``, ``input_scale`` (static types), ``bn_factor`` (folded
@@ -56,6 +61,7 @@ def _refresh_after_load(module: "_Int8Layer", _incompatible_keys) -> None:
 
 class _Int8Layer(nn.Module):
     hands_abs_max = False  # layers pickled before the attribute existed
+    hands_codes = False
 
     def _init_common(self, frozen, weight_storage: str):
         quantizer = frozen.input_quantizer
@@ -68,6 +74,7 @@ class _Int8Layer(nn.Module):
         self.float_activation: Optional[str] = None  # the activation when not writing codes (chained layers)
         self.chain_scope = None  # set by convert_to_int8: codes only inside a call of the converted model
         self.hands_abs_max = False  # set by convert_to_int8: hand this output's abs max to dynamic readers
+        self.hands_codes = False  # set by convert_to_int8: hand them its 8-bit codes at that scale, not floats
         self.register_buffer("weight", frozen.weight.detach().round().to(torch.int8))
         self.register_buffer("weight_scale", frozen.weight_scale.detach().clone())
         self.register_buffer("bias", None if frozen.bias is None else frozen.bias.detach().clone())
@@ -282,19 +289,24 @@ def _input_codes(x: torch.Tensor, input_scale: Optional[torch.Tensor], bits: int
     """(int8 codes of a layer's input, the epilogue scale for them). Codes from a chained previous layer are
     already in this layer's scale; a float input is quantized with the static ``input_scale`` (None: the
     batch abs max, which then scales the epilogue; ``handed_abs_max``: that max, already taken by the
-    producer as it wrote x). The kernels read NHWC and conv2d_int8 returns
-    channels-last; a float NCHW input (a model's own input) is made so here: on the CPU with a static scale
-    by quantize_with_scale_channels_last (one pass), else by torch's float transpose (several times faster
-    than one of int8 codes), after which quantizing is elementwise: the contiguous NHWC view is quantized and
-    handed back as a channels-last view, no layout copies on either side."""
+    producer as it wrote x; with int8 codes, the scale they were written at). The kernels read NHWC and
+    conv2d_int8 returns channels-last; a float NCHW input (a model's own input) is made so here: on the CPU by
+    quantize_with_scale_channels_last (one pass, after the abs max for a dynamic scale), else by torch's
+    float transpose (several times faster than one of int8 codes), after which quantizing is elementwise:
+    the contiguous NHWC view is quantized and handed back as a channels-last view."""
     if x.dtype == torch.int8:
+        if handed_abs_max is not None:  # codes a dynamic producer wrote at the batch scale it handed over
+            return x, handed_abs_max * epilogue_scale
         return x, epilogue_scale
     nhwc = x.dim() == 4
-    if nhwc and input_scale is not None and x.is_cpu and not x.is_contiguous(memory_format=torch.channels_last) \
+    if nhwc and handed_abs_max is None and x.is_cpu and not x.is_contiguous(memory_format=torch.channels_last) \
             and not torch.compiler.is_compiling():
         # quantized and transposed in one pass (torch's transpose of the floats alone took twice as long as
         # quantizing them: a batch-8 300x300 stem); traced models keep the plain ops below
-        return _ops.quantize_with_scale_channels_last(x, input_scale, bits), epilogue_scale
+        if input_scale is not None:
+            return _ops.quantize_with_scale_channels_last(x, input_scale, bits), epilogue_scale
+        s = _ops.abs_max(x)  # what quantize_abs_max takes
+        return _ops.quantize_with_scale_channels_last(x, s, bits), s * epilogue_scale
     if nhwc:
         if not x.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
@@ -348,8 +360,12 @@ class Int8Conv2d(_Int8Layer):
             codes, scale, bias, out_dtype, activation, weight, packed, stride, padding, dilation, groups = fast
             scope = self.chain_scope
             if self.hands_abs_max and out_dtype is torch.float32 and scope is not None and scope.active:
-                out, abs_max = _ops.conv2d_int8_packed_abs_max(codes, weight, packed, bias, stride, padding, dilation,
-                                                               groups, scale, activation)
+                if self.hands_codes and codes.is_cpu:
+                    out, abs_max = _ops.conv2d_int8_packed_requant_abs_max(
+                        codes, weight, packed, bias, stride, padding, dilation, groups, scale, activation)
+                else:
+                    out, abs_max = _ops.conv2d_int8_packed_abs_max(codes, weight, packed, bias, stride, padding,
+                                                                   dilation, groups, scale, activation)
                 scope.hand_over_abs_max(out, abs_max)
                 return out
             return _ops.conv2d_int8_packed(codes, weight, packed, bias, stride, padding, dilation, groups, scale,

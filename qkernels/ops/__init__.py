@@ -15,6 +15,7 @@ from .int8 import (  # noqa: F401
     conv2d_int8,
     conv2d_int8_packed,
     conv2d_int8_packed_abs_max,
+    conv2d_int8_packed_requant_abs_max,
     linear_int8,
     pack_conv2d_int8_weight,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "conv2d_int8",
     "conv2d_int8_packed",
     "conv2d_int8_packed_abs_max",
+    "conv2d_int8_packed_requant_abs_max",
     "fake_channel_wise_quant_abs_max",
     "fake_quant_abs_max",
     "fake_quant_with_scale",

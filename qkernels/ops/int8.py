@@ -170,6 +170,46 @@ def _conv2d_int8_packed_abs_max_cuda(x, weight, packed, bias, stride, padding, d
     return out, ops.abs_max(out)
 
 
+def conv2d_int8_packed_requant_abs_max(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    packed: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: Union[int, Sequence[int]] = 1,
+    padding: Union[int, Sequence[int]] = 0,
+    dilation: Union[int, Sequence[int]] = 1,
+    groups: int = 1,
+    scale: Scale = 1.0,
+    activation: Optional[str] = None,
+):
+    """``(codes, m)``: ``m = abs_max(y)`` for the float output ``y = conv2d_int8_packed(..., torch.float32)``
+    (bit for bit), and the 8-bit codes of ``y`` at scale ``m``, what ``quantize_with_scale(y, m, 8)`` gives
+    up to one step on rounding ties (the factor ``bin / m`` is folded into the epilogue, as for chained
+    static layers). No float tensor is written: the kernels run twice, first for ``m`` alone, then writing
+    the codes. The input of a dynamic (``abs_max``) next layer, for a fraction of the memory traffic. Not for
+    relu6 (its clamp at 6 is no clamp in codes of ``m``)."""
+    args, act = _packed_conv_args(x, weight, packed, bias, stride, padding, dilation, groups, scale, torch.int8,
+                                  activation)
+    return ops.conv2d_int8_packed_requant_abs_max(*args, act)
+
+
+@torch.library.impl("qkernels::conv2d_int8_packed_requant_abs_max", "CUDA")
+def _conv2d_int8_packed_requant_abs_max_cuda(x, weight, packed, bias, stride, padding, dilation, groups, scale,
+                                             activation):
+    # The same two passes from the CUDA ops: the float output for its abs max, then the codes with bin / max
+    # folded into scale and bias (0 for an unusable max, as quantize_with_scale does), on the device.
+    torch._check(activation != "relu6", lambda: "qkernels: conv2d_int8_packed_requant_abs_max cannot fold relu6")
+    y, m = _conv2d_int8_packed_abs_max_cuda(x, weight, packed, bias, stride, padding, dilation, groups, scale,
+                                            activation)
+    usable = (m > 1e-30) & torch.isfinite(m)
+    f = torch.where(usable, 127.0 / torch.where(usable, m, torch.ones_like(m)), torch.zeros_like(m))
+    o = weight.shape[0]
+    b = bias if bias is not None else torch.zeros(o, device=x.device, dtype=torch.float32)
+    codes = ops.conv2d_int8_packed(x, weight, packed, b * f, stride, padding, dilation, groups,
+                                   scale.expand(o) * f if scale.numel() == 1 else scale * f, torch.int8, activation)
+    return codes, m
+
+
 # --- fake (meta) kernels: shapes and dtypes only, so torch.compile traces without graph breaks ------
 
 def _conv_out_size(size, k, s, p, d):
@@ -203,6 +243,12 @@ def _(x, weight, packed, bias, stride, padding, dilation, groups, scale, out_dty
 @torch.library.register_fake("qkernels::conv2d_int8_packed_abs_max")
 def _(x, weight, packed, bias, stride, padding, dilation, groups, scale, activation):
     out = _conv_fake(x, weight, stride, padding, dilation, torch.float32)
+    return out, x.new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("qkernels::conv2d_int8_packed_requant_abs_max")
+def _(x, weight, packed, bias, stride, padding, dilation, groups, scale, activation):
+    out = _conv_fake(x, weight, stride, padding, dilation, torch.int8)
     return out, x.new_empty((), dtype=torch.float32)
 
 
