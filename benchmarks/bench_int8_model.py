@@ -361,8 +361,9 @@ def main():
         "ours static: range_abs_max, BN folded, ReLU fused; %d of %d convs get int8 codes from their producer "
         "(torch.ao passes quint8 between all its quantized ops)." % (chained, total),
         "ours dynamic: abs_max (scale = max|x| of each batch, at run time); %d of %d convs get their input's abs "
-        "max from its producer (no reduction pass of their own), %d of them as int8 codes at that scale, which "
-        "the producer wrote in a second pass after one for the max alone (no float tensor in between)."
+        "max from its producer (no reduction pass of their own), %d of them as int8 codes at that scale (the "
+        "producer's kernels run a second pass after one for the max alone where that is cheaper than a float "
+        "tensor in between)."
         % (handed, total, handed_codes),
         "torch.ao: FX prepare_fx/convert_fx, get_default_qconfig_mapping('x86'), engine x86; onnxruntime: "
         "quantize_static QDQ u8/s8 per channel, CPUExecutionProvider; float32: channels_last. All calibrated "

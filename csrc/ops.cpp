@@ -70,7 +70,8 @@ TORCH_LIBRARY(qkernels, m) {
       "int[2] padding, int[2] dilation, int groups, Tensor scale, str activation) -> (Tensor, Tensor)");
   // the 8-bit codes that quantizing the float output y of conv2d_int8_packed with its abs max gives (scale
   // max|y|; a step apart at most, on rounding ties), and that max: a dynamic next layer's input written
-  // directly, in two passes (the first only for the max), no float tensor in between.
+  // directly. The CPU kernels run twice where that is cheaper than a float tensor in between (the first
+  // pass only for the max), else write y once and quantize it.
   m.def(
       "conv2d_int8_packed_requant_abs_max(Tensor x, Tensor weight, Tensor packed, Tensor? bias, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, Tensor scale, str activation) -> (Tensor, Tensor)");

@@ -3,7 +3,9 @@ conv, and the scale they are at, ``m = abs_max(y)`` of the float output ``y``. `
 conv2d_int8_packed_abs_max (the first pass computes the values for their max alone, on every kernel path:
 AVX2 blocks and depthwise in registers, AVX-512 tiles from the accumulators, the other paths from a row or
 tile buffer). The codes are ``quantize_with_scale(y, m, 8)`` up to one step where ``y * 127 / m`` lies at a
-rounding tie: the second pass folds ``127 / m`` into scale and bias, as chained static layers do."""
+rounding tie: the second pass folds ``127 / m`` into scale and bias, as chained static layers do. (AVX2 and
+portable products over more than 64 values take one pass and quantize y: exact codes; the ISA fixture and
+the cases run both kinds.)"""
 import pytest
 import torch
 

@@ -184,10 +184,12 @@ def conv2d_int8_packed_requant_abs_max(
 ):
     """``(codes, m)``: ``m = abs_max(y)`` for the float output ``y = conv2d_int8_packed(..., torch.float32)``
     (bit for bit), and the 8-bit codes of ``y`` at scale ``m``, what ``quantize_with_scale(y, m, 8)`` gives
-    up to one step on rounding ties (the factor ``bin / m`` is folded into the epilogue, as for chained
-    static layers). No float tensor is written: the kernels run twice, first for ``m`` alone, then writing
-    the codes. The input of a dynamic (``abs_max``) next layer, for a fraction of the memory traffic. Not for
-    relu6 (its clamp at 6 is no clamp in codes of ``m``)."""
+    up to one step on rounding ties. The input of a dynamic (``abs_max``) next layer. Where the product is
+    cheap next to a float tensor written and read back (CPU: AMX and VNNI, and on AVX2 products over at most
+    64 values: depthwise, the stem, 1x1 over few channels) the kernels run twice, first for ``m`` alone, then
+    writing the codes with ``127 / m`` folded into the epilogue (as for chained static layers: hence the
+    ties); elsewhere ``y`` is written and quantized (exact codes). Not for relu6 (its clamp at 6 is no clamp
+    in codes of ``m``)."""
     args, act = _packed_conv_args(x, weight, packed, bias, stride, padding, dilation, groups, scale, torch.int8,
                                   activation)
     return ops.conv2d_int8_packed_requant_abs_max(*args, act)
