@@ -47,55 +47,13 @@ QK_TARGET_AVX2 QK_INLINE void load_params16(const float* p, int64_t n, __m256 ou
   out[1] = _mm256_load_ps(t + 8);
 }
 
-template <int KIND, int ACT, bool ABS_MAX = false>
-QK_TARGET_AVX2 void tile_epilogue_avx2_t(const Int8Epilogue& ep, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-                                         const int32_t* C, int64_t ldc) {
-  const int64_t esize = KIND == kOutInt8 ? 1 : KIND == kOutNone ? 0 : 4;  // kOutNone: out null, no stores
-  __m256 s[2], b[2];
-  if (KIND != kOutInt32) {
-    load_params16(ep.scale + ep.channel_offset + c0, nc, s);
-    load_params16(ep.bias + ep.channel_offset + c0, nc, b);
-  }
-  __m256i m = _mm256_setzero_si256();
-  for (int64_t i = 0; i < nr; ++i) {
-    char* o = static_cast<char*>(ep.out) + ((r0 + i) * ep.row_stride + c0 + ep.offset) * esize;
-    const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(C + i * ldc));
-    const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(C + i * ldc + 8));
-    epilogue16_avx2<KIND, ACT>(a0, a1, s, b, nc, o, ABS_MAX ? &m : nullptr);
-  }
-  if (ABS_MAX) ep.abs_max->merge(avx2_max_epu32(m));
-}
-
-template <int KIND, bool ABS_MAX = false>
-void tile_epilogue_kind(const Int8Epilogue& ep, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const int32_t* C,
-                        int64_t ldc) {
-  switch (ep.act) {
-    case kActRelu: return tile_epilogue_avx2_t<KIND, kActRelu, ABS_MAX>(ep, r0, nr, c0, nc, C, ldc);
-    case kActRelu6: return tile_epilogue_avx2_t<KIND, kActRelu6, ABS_MAX>(ep, r0, nr, c0, nc, C, ldc);
-    default: return tile_epilogue_avx2_t<KIND, kActNone, ABS_MAX>(ep, r0, nr, c0, nc, C, ldc);
-  }
-}
-
-// A tile of C (nr <= 6 rows, nc <= 16 columns) through the epilogue.
-void finish_tile(const Int8Epilogue& ep, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const int32_t* C) {
-  if (ep.channel_on_rows || ep.col_stride != 1) return ep.apply(r0, nr, c0, nc, C, kNr);
-  switch (ep.out_kind) {
-    case kOutInt32: return tile_epilogue_kind<kOutInt32>(ep, r0, nr, c0, nc, C, kNr);
-    case kOutInt8: return tile_epilogue_kind<kOutInt8>(ep, r0, nr, c0, nc, C, kNr);
-    case kOutNone: return tile_epilogue_kind<kOutNone, true>(ep, r0, nr, c0, nc, C, kNr);
-    default:
-      if (ep.abs_max != nullptr) return tile_epilogue_kind<kOutFloat, true>(ep, r0, nr, c0, nc, C, kNr);
-      return tile_epilogue_kind<kOutFloat>(ep, r0, nr, c0, nc, C, kNr);
-  }
-}
-
-// --- the kernels --------------------------------------------------------------------------------------
+// --- the kernels: an accumulate step, and one block runner for every step -------------------------------
 
 // acc[MR][16] = A[MR rows, lda bytes apart][Kp] * B block ([Kp/4][16][4] bytes) with vpmaddubsw: A as
 // uint8 (all >= 0) or, SIGNED, as |x| with the sign moved onto B (see the top of the file).
 template <int MR, bool SIGNED>
 QK_TARGET_AVX2 QK_INLINE void accumulate_u8(const int8_t* A, int64_t lda, const int8_t* B, int64_t kp4,
-                                            __m256i acc[MR][2]) {
+                                            __m256i acc[][2]) {
 #pragma GCC unroll 6
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
   const __m256i ones = _mm256_set1_epi16(1);
@@ -118,72 +76,9 @@ QK_TARGET_AVX2 QK_INLINE void accumulate_u8(const int8_t* A, int64_t lda, const 
   }
 }
 
-// C[MR][16] = the product above, stored for an epilogue of its own.
-template <int MR, bool SIGNED>
-QK_TARGET_AVX2 void kernel_u8(const int8_t* A, int64_t lda, const int8_t* B, int64_t kp4, int32_t* C) {
-  __m256i acc[MR][2];
-  accumulate_u8<MR, SIGNED>(A, lda, B, kp4, acc);
-#pragma GCC unroll 6
-  for (int m = 0; m < MR; ++m) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + m * kNr), acc[m][0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + m * kNr + 8), acc[m][1]);
-  }
-}
-
-// One block column (16 output channels from c0, nc valid) of a panel (rows from r0, A >= 0) through the
-// epilogue straight from the accumulators: no tile store and reload, no call per tile. The epilogue's
-// parameters are loaded after the product so that the product keeps all 16 registers.
-template <int KIND, int ACT, bool ABS_MAX>
-QK_TARGET_AVX2 void block_u8_fused(const Int8Epilogue& ep, const int8_t* A, int64_t lda, const int8_t* B, int64_t kp4,
-                                   int64_t r0, int64_t rows, int64_t c0, int64_t nc) {
-  const int64_t esize = KIND == kOutInt8 ? 1 : KIND == kOutNone ? 0 : 4;  // kOutNone: out null, no stores
-  __m256i m = _mm256_setzero_si256();
-  for (int64_t r = 0; r < rows; r += kMr) {
-    __m256i acc[kMr][2];
-    accumulate_u8<kMr, false>(A + r * lda, lda, B, kp4, acc);
-    __m256 sc[2], bi[2];
-    if (KIND != kOutInt32) {
-      load_params16(ep.scale + ep.channel_offset + c0, nc, sc);
-      load_params16(ep.bias + ep.channel_offset + c0, nc, bi);
-    }
-    const int64_t nr = std::min(kMr, rows - r);
-#pragma GCC unroll 6
-    for (int i = 0; i < kMr; ++i) {
-      if (i >= nr) break;
-      char* o = static_cast<char*>(ep.out) + ((r0 + r + i) * ep.row_stride + c0 + ep.offset) * esize;
-      epilogue16_avx2<KIND, ACT>(acc[i][0], acc[i][1], sc, bi, nc, o, ABS_MAX ? &m : nullptr);
-    }
-  }
-  if (ABS_MAX) ep.abs_max->merge(avx2_max_epu32(m));
-}
-
-using FusedBlock = void (*)(const Int8Epilogue&, const int8_t*, int64_t, const int8_t*, int64_t, int64_t, int64_t,
-                            int64_t, int64_t);
-
-template <int KIND, bool ABS_MAX = false>
-FusedBlock fused_block_act(int act) {
-  switch (act) {
-    case kActRelu: return block_u8_fused<KIND, kActRelu, ABS_MAX>;
-    case kActRelu6: return block_u8_fused<KIND, kActRelu6, ABS_MAX>;
-    default: return block_u8_fused<KIND, kActNone, ABS_MAX>;
-  }
-}
-
-// The fused block for this epilogue, or null where the tile path must run (channels on the rows, strided
-// output columns: Int8Epilogue::apply).
-FusedBlock fused_block(const Int8Epilogue& ep) {
-  if (ep.channel_on_rows || ep.col_stride != 1) return nullptr;
-  switch (ep.out_kind) {
-    case kOutInt32: return fused_block_act<kOutInt32>(ep.act);
-    case kOutInt8: return fused_block_act<kOutInt8>(ep.act);
-    case kOutNone: return fused_block_act<kOutNone, true>(ep.act);
-    default: return ep.abs_max != nullptr ? fused_block_act<kOutFloat, true>(ep.act) : fused_block_act<kOutFloat>(ep.act);
-  }
-}
-
-// The exact fallback: C[6][16] = A[6 rows, lda apart][Kp] int16 * B block ([Kp/2][16][2] int16).
-QK_TARGET_AVX2 void kernel_i16(const int16_t* A, int64_t lda, const int16_t* B, int64_t kp2, int32_t* C) {
-  __m256i acc[kMr][2];
+// The exact fallback: acc[6][16] = A[6 rows, lda apart][Kp] int16 * B block ([Kp/2][16][2] int16).
+QK_TARGET_AVX2 QK_INLINE void accumulate_i16(const int16_t* A, int64_t lda, const int16_t* B, int64_t kp2,
+                                             __m256i acc[][2]) {
 #pragma GCC unroll 6
   for (int m = 0; m < kMr; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
   for (int64_t k2 = 0; k2 < kp2; ++k2) {
@@ -198,10 +93,108 @@ QK_TARGET_AVX2 void kernel_i16(const int16_t* A, int64_t lda, const int16_t* B, 
       acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(a, b1));
     }
   }
+}
+
+// One block column's operands: A rows lda elements apart (int8, or int16 for the exact fallback) and the Q
+// block (int8 [Kp/4][16][4], or int16 [Kp/2][16][2]).
+struct BlockOperands {
+  const int8_t* a = nullptr;
+  const int16_t* a16 = nullptr;
+  int64_t lda = 0;
+  const int8_t* b = nullptr;
+  const int16_t* b16 = nullptr;
+  int64_t kp = 0;
+};
+
+// Accumulate steps: kRows rows of a block's product from row r into acc.
+struct StepUint8 {  // A >= 0
+  static constexpr int kRows = kMr;
+  QK_TARGET_AVX2 static QK_INLINE void run(const BlockOperands& o, int64_t r, __m256i acc[][2]) {
+    accumulate_u8<kRows, false>(o.a + r * o.lda, o.lda, o.b, o.kp / 4, acc);
+  }
+};
+struct StepSignMoved {  // some A < 0, no Q == -128 (the sign products need registers: 4 rows)
+  static constexpr int kRows = 4;
+  QK_TARGET_AVX2 static QK_INLINE void run(const BlockOperands& o, int64_t r, __m256i acc[][2]) {
+    accumulate_u8<kRows, true>(o.a + r * o.lda, o.lda, o.b, o.kp / 4, acc);
+  }
+};
+struct StepInt16 {  // everything else
+  static constexpr int kRows = kMr;
+  QK_TARGET_AVX2 static QK_INLINE void run(const BlockOperands& o, int64_t r, __m256i acc[][2]) {
+    accumulate_i16(o.a16 + r * o.lda, o.lda, o.b16, o.kp / 2, acc);
+  }
+};
+
+// One block column (16 output channels from c0, nc valid) of a panel (rows from r0) through the epilogue
+// straight from the accumulators: no tile store and reload, no call per tile. The epilogue's parameters are
+// loaded after the product so that the product keeps all 16 registers.
+template <class Step, int KIND, int ACT, bool ABS_MAX>
+QK_TARGET_AVX2 void block_fused(const Int8Epilogue& ep, const BlockOperands& o, int64_t r0, int64_t rows, int64_t c0,
+                                int64_t nc) {
+  constexpr int MR = Step::kRows;
+  const int64_t esize = KIND == kOutInt8 ? 1 : KIND == kOutNone ? 0 : 4;  // kOutNone: out null, no stores
+  __m256i m = _mm256_setzero_si256();
+  for (int64_t r = 0; r < rows; r += MR) {
+    __m256i acc[MR][2];
+    Step::run(o, r, acc);
+    __m256 sc[2], bi[2];
+    if (KIND != kOutInt32) {
+      load_params16(ep.scale + ep.channel_offset + c0, nc, sc);
+      load_params16(ep.bias + ep.channel_offset + c0, nc, bi);
+    }
+    const int64_t nr = std::min<int64_t>(MR, rows - r);
 #pragma GCC unroll 6
-  for (int m = 0; m < kMr; ++m) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + m * kNr), acc[m][0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + m * kNr + 8), acc[m][1]);
+    for (int i = 0; i < MR; ++i) {
+      if (i >= nr) break;
+      char* out = static_cast<char*>(ep.out) + ((r0 + r + i) * ep.row_stride + c0 + ep.offset) * esize;
+      epilogue16_avx2<KIND, ACT>(acc[i][0], acc[i][1], sc, bi, nc, out, ABS_MAX ? &m : nullptr);
+    }
+  }
+  if (ABS_MAX) ep.abs_max->merge(avx2_max_epu32(m));
+}
+
+// The same where the epilogue needs the tile in memory (channels on the rows, strided output columns):
+// Int8Epilogue::apply.
+template <class Step>
+QK_TARGET_AVX2 void block_via_tile(const Int8Epilogue& ep, const BlockOperands& o, int64_t r0, int64_t rows,
+                                   int64_t c0, int64_t nc) {
+  constexpr int MR = Step::kRows;
+  alignas(32) int32_t C[MR * kNr];
+  for (int64_t r = 0; r < rows; r += MR) {
+    __m256i acc[MR][2];
+    Step::run(o, r, acc);
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(C + i * kNr), acc[i][0]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(C + i * kNr + 8), acc[i][1]);
+    }
+    ep.apply(r0 + r, std::min<int64_t>(MR, rows - r), c0, nc, C, kNr);
+  }
+}
+
+using BlockRunner = void (*)(const Int8Epilogue&, const BlockOperands&, int64_t, int64_t, int64_t, int64_t);
+
+template <class Step, int KIND, bool ABS_MAX = false>
+BlockRunner block_runner_act(int act) {
+  switch (act) {
+    case kActRelu: return block_fused<Step, KIND, kActRelu, ABS_MAX>;
+    case kActRelu6: return block_fused<Step, KIND, kActRelu6, ABS_MAX>;
+    default: return block_fused<Step, KIND, kActNone, ABS_MAX>;
+  }
+}
+
+// The runner of Step's block columns for this epilogue, picked once per product.
+template <class Step>
+BlockRunner block_runner(const Int8Epilogue& ep) {
+  if (ep.channel_on_rows || ep.col_stride != 1) return block_via_tile<Step>;
+  switch (ep.out_kind) {
+    case kOutInt32: return block_fused<Step, kOutInt32, kActNone, false>;  // the raw accumulators
+    case kOutInt8: return block_runner_act<Step, kOutInt8>(ep.act);
+    case kOutNone: return block_runner_act<Step, kOutNone, true>(ep.act);
+    default:
+      return ep.abs_max != nullptr ? block_runner_act<Step, kOutFloat, true>(ep.act)
+                                   : block_runner_act<Step, kOutFloat>(ep.act);
   }
 }
 
@@ -215,7 +208,7 @@ QK_TARGET_AVX2 bool any_negative(const int8_t* p, int64_t n) {
   return _mm256_movemask_epi8(o) != 0 || tail < 0;
 }
 
-// Packed Q blocks [Kp/4][16][4] -> [Kp/2][16][2] int16 (for kernel_i16).
+// Packed Q blocks [Kp/4][16][4] -> [Kp/2][16][2] int16 (for accumulate_i16).
 void widen_packed_q(const Avx2PackedQ& q, int16_t* dst) {
   const int64_t blocks = (q.rows + kNr - 1) / kNr;
   for (int64_t blk = 0; blk < blocks; ++blk) {
@@ -286,11 +279,11 @@ void int8_gemm_avx2_packed(int64_t p_rows, int64_t K, Int8RowSource P, const Avx
   // Threads take tasks one at a time (task_queue.h); a panel whose column tasks go to both threads is packed
   // by both, as at the middle of a static split.
   TaskQueue queue(panels * col_tasks);
-  const FusedBlock fused = fused_block(ep);
+  const BlockRunner run_uint8 = block_runner<StepUint8>(ep), run_signed = block_runner<StepSignMoved>(ep),
+                    run_int16 = block_runner<StepInt16>(ep);
   run_workers(queue, [&] {
     std::vector<int8_t> mem(panel_rows * Kp + 64);
     std::vector<int16_t> mem16;
-    alignas(32) int32_t C[kMr * kNr];
     int64_t packed_panel = -1;
     Panel pan;
     for (int64_t t; queue.next(t);) {
@@ -325,25 +318,19 @@ void int8_gemm_avx2_packed(int64_t p_rows, int64_t K, Int8RowSource P, const Avx
       }
       const int64_t b0 = ci * blocks_per_task, b1 = std::min(blocks, b0 + blocks_per_task);
       for (int64_t blk = b0; blk < b1; ++blk) {
-        const int8_t* B = q.data + blk * Kp * kNr;
         const int64_t c0 = blk * kNr, nc = std::min(kNr, q.rows - c0);
-        if (!pan.negative && fused != nullptr) {
-          fused(ep, pan.a, pan.lda, B, Kp / 4, r0, rows, c0, nc);
-        } else if (!pan.negative) {
-          for (int64_t r = 0; r < rows; r += kMr) {
-            kernel_u8<kMr, false>(pan.a + r * pan.lda, pan.lda, B, Kp / 4, C);
-            finish_tile(ep, r0 + r, std::min(kMr, rows - r), c0, nc, C);
-          }
-        } else if (!q.has_min) {
-          for (int64_t r = 0; r < rows; r += 4) {
-            kernel_u8<4, true>(pan.a + r * pan.lda, pan.lda, B, Kp / 4, C);
-            finish_tile(ep, r0 + r, std::min<int64_t>(4, rows - r), c0, nc, C);
-          }
+        BlockOperands o;
+        o.kp = Kp;
+        if (!pan.negative || !q.has_min) {
+          o.a = pan.a;
+          o.lda = pan.lda;
+          o.b = q.data + blk * Kp * kNr;
+          (pan.negative ? run_signed : run_uint8)(ep, o, r0, rows, c0, nc);
         } else {
-          for (int64_t r = 0; r < rows; r += kMr) {
-            kernel_i16(mem16.data() + r * Kp, Kp, q16.data() + blk * Kp * kNr, Kp / 2, C);
-            finish_tile(ep, r0 + r, std::min(kMr, rows - r), c0, nc, C);
-          }
+          o.a16 = mem16.data();
+          o.lda = Kp;
+          o.b16 = q16.data() + blk * Kp * kNr;
+          run_int16(ep, o, r0, rows, c0, nc);
         }
       }
     }
