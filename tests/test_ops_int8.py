@@ -71,6 +71,7 @@ CONV_CASES = [
     ("kernel rows dilated (2, 1), short runs", 2, 3, 11, 10, 8, 3, 1, (2, 1), (2, 1), 1),
     ("no padding valid", 1, 4, 4, 4, 3, 3, 1, 0, 1, 1),
     ("rectangular kernel and stride", 1, 6, 9, 8, 9, (3, 1), (2, 1), (1, 0), 1, 1),
+    ("5x3 kernel, 30-byte patches (not 3 rows)", 2, 2, 9, 8, 6, (5, 3), 1, (2, 1), 1, 1),
     ("K >= 64 on a tail of columns", 1, 80, 5, 7, 40, 1, 1, 0, 1, 1),
     ("pw 64->80 whole row panels read in place", 2, 64, 11, 13, 80, 1, 1, 0, 1, 1),
     ("dw 80 s1 wide rows", 2, 80, 5, 23, 80, 3, 1, 1, 1, 80),
