@@ -105,7 +105,8 @@ def linear_int8(
 def pack_conv2d_int8_weight(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """``weight`` (int8 [O, C/groups, kh, kw]) packed once into the layout of this device's int8 conv
     kernels, for ``conv2d_int8_packed``: an opaque int8 tensor, empty where the kernels have no packed form
-    (the CPU packs for its AVX2 kernels; CUDA into the tensor-core and depthwise kernels' layouts)."""
+    (the CPU packs GEMM weights for the instruction set in use, AMX, VNNI, AVX2 or portable, and depthwise
+    weights for its AVX2 kernel; CUDA into the tensor-core and depthwise kernels' layouts)."""
     if not isinstance(weight, torch.Tensor):
         raise TypeError("qkernels: weight must be a torch.Tensor, got %s" % type(weight).__name__)
     check_backend(weight)
