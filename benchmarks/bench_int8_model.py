@@ -13,7 +13,9 @@ Models, all from one float model with random weights, calibrated on the same ima
 Batch 1 and 8, torch.inference_mode, the models' samples interleaved (common.measure_group).
 
 Then every conv, ours against torch.ao's counterpart (same module path), each on the input it gets
-inside its model (captured by a forward pre-hook), interleaved: which layers are ahead and behind.
+inside its model (captured by a forward pre-hook), interleaved: which layers are ahead and behind. Where
+ours takes a float input (the stem quantizes the image itself), torch.ao's conv is timed together with the
+quantize_per_tensor node its model runs before it, so that both start from the same float input.
 The table also counts the convs whose input arrives as int8 codes (chained) in our static model, and the
 convs of our dynamic model that quantize with the abs max their producer handed over.
 
