@@ -13,7 +13,8 @@ import qkernels
 from qkernels._library import ops
 
 from conftest import needs_cuda
-from test_ops_int8 import CONV_CASES, ISA_EPILOGUE_CASES, _conv_case, isa, rand_int8  # noqa: F401 (fixture)
+from test_ops_int8 import CONV_CASES, ISA_EPILOGUE_CASES, case_seed, isa, rand_int8  # noqa: F401 (fixture)
+from test_ops_int8_abs_max import epilogue_case, non_finite_case, packed_conv_samples
 
 
 def _float_and_codes(x, weight, bias, scale, activation, kw):
@@ -41,12 +42,7 @@ def assert_codes_of(codes, y, m, what):
 @pytest.mark.parametrize("case", CONV_CASES, ids=[c[0] for c in CONV_CASES])
 @pytest.mark.parametrize("inputs", ["x >= 0", "signed x"])
 def test_codes_are_those_of_the_float_output(case, inputs, isa):
-    gen = torch.Generator().manual_seed(hash(case[0]) % 1013)
-    x, weight, kw = _conv_case(case, gen)
-    if inputs == "x >= 0":  # the uint8 kernels; "signed x" takes the others and the depthwise redo
-        x = x.abs().clamp(max=127)
-    o = weight.shape[0]
-    bias, scale = torch.randn(o, generator=gen), torch.rand(o, generator=gen) * 0.01
+    x, weight, bias, scale, kw = epilogue_case(case, inputs, case_seed(case[0], 1013))
     for activation in (None, "relu"):
         y, m, codes, m2 = _float_and_codes(x, weight, bias, scale, activation, kw)
         assert m2.dim() == 0 and m2.dtype == torch.float32
@@ -57,13 +53,7 @@ def test_codes_are_those_of_the_float_output(case, inputs, isa):
 @pytest.mark.parametrize("kind", list(ISA_EPILOGUE_CASES))
 def test_non_finite_values(kind, isa):
     """A NaN channel codes 0, an infinite one +-127 (quantize_with_scale clips it to +-m); neither sets m."""
-    n, c, h, w_, o, k, s, g = ISA_EPILOGUE_CASES[kind]
-    gen = torch.Generator().manual_seed(31)
-    x, w = rand_int8(n, c, h, w_, gen=gen), rand_int8(o, c // g, k, k, gen=gen)
-    scale = torch.rand(o, generator=gen) * 0.004 + 1e-4
-    bias = torch.randn(o, generator=gen)
-    scale[1], bias[2], bias[3] = float("nan"), float("-inf"), float("inf")
-    kw = dict(stride=(s, s), padding=(k // 2, k // 2), dilation=(1, 1), groups=g)
+    x, w, bias, scale, kw = non_finite_case(kind, 31)
     y, m, codes, m2 = _float_and_codes(x, w, bias, scale, None, kw)
     assert torch.equal(m2, m) and m.isfinite()
     assert (codes[:, 1] == 0).all() and (codes[:, 2] == -127).all() and (codes[:, 3] == 127).all()
@@ -91,14 +81,8 @@ def test_relu6_and_bad_input_are_refused():
 
 
 def test_opcheck():
-    gen = torch.Generator().manual_seed(5)
-    x, w = rand_int8(2, 8, 5, 6, gen=gen), rand_int8(12, 8, 3, 3, gen=gen)
-    dw = rand_int8(8, 1, 3, 3, gen=gen)
-    sc = torch.rand(12, generator=gen) * 0.01
-    for args in ((x, w, torch.randn(12, generator=gen), [1, 1], [1, 1], [1, 1], 1, sc, "relu"),
-                 (x.abs(), dw, None, [2, 1], [1, 0], [1, 1], 8, torch.tensor(0.02), "none")):
-        packed = ops.pack_conv2d_int8_weight(args[1], args[6])
-        torch.library.opcheck(ops.conv2d_int8_packed_requant_abs_max, (args[0], args[1], packed) + args[2:])
+    for args in packed_conv_samples(5):
+        torch.library.opcheck(ops.conv2d_int8_packed_requant_abs_max, args)
 
 
 @needs_cuda

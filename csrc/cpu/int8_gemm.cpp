@@ -470,21 +470,29 @@ QK_TARGET_AMX void panel_amx(const PanelJob& job) {
 
 // --- epilogue of a product tile whose columns are channels -----------------------------------------
 
-// Rows are output pixels, columns (at most 64) contiguous channels: scale and bias are loaded into
-// registers once for the whole tile instead of once per row.
-template <int KIND, int ACT>
-QK_TARGET_AVX512 void tile_epilogue_avx512(const Int8Epilogue& ep, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-                                           const int32_t* C, int64_t ldc) {
-  const int64_t esize = KIND == kOutInt8 ? 1 : 4;
+// Scale and bias of a tile's nc <= 64 contiguous channels from c0, in registers (zero past nc), with the lane
+// masks of its 16-channel vectors; returns how many vectors there are.
+QK_TARGET_AVX512 QK_INLINE int load_tile_params(const Int8Epilogue& ep, int64_t c0, int64_t nc, __m512 s[4], __m512 b[4],
+                                                __mmask16 m[4]) {
   const int nvec = (int)((nc + 15) / 16);
-  __m512 s[4], b[4];
-  __mmask16 m[4];
   for (int v = 0; v < nvec; ++v) {
     const int64_t left = nc - 16 * v;
     m[v] = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
     s[v] = _mm512_maskz_loadu_ps(m[v], ep.scale + ep.channel_offset + c0 + 16 * v);
     b[v] = _mm512_maskz_loadu_ps(m[v], ep.bias + ep.channel_offset + c0 + 16 * v);
   }
+  return nvec;
+}
+
+// Rows are output pixels, columns (at most 64) contiguous channels: scale and bias are loaded into
+// registers once for the whole tile instead of once per row.
+template <int KIND, int ACT>
+QK_TARGET_AVX512 void tile_epilogue_avx512(const Int8Epilogue& ep, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                                           const int32_t* C, int64_t ldc) {
+  const int64_t esize = KIND == kOutInt8 ? 1 : 4;
+  __m512 s[4], b[4];
+  __mmask16 m[4];
+  const int nvec = load_tile_params(ep, c0, nc, s, b, m);
   const __mmask64 m64 = nc >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << nc) - 1);
   for (int64_t i = 0; i < nr; ++i) {
     char* o = static_cast<char*>(ep.out) + ((r0 + i) * ep.row_stride + c0 + ep.offset) * esize;
@@ -509,15 +517,9 @@ QK_TARGET_AVX512 void tile_epilogue_avx512(const Int8Epilogue& ep, int64_t r0, i
 template <int ACT>
 QK_TARGET_AVX512 uint32_t tile_abs_max_avx512(const Int8Epilogue& ep, int64_t nr, int64_t c0, int64_t nc,
                                               const int32_t* C, int64_t ldc) {
-  const int nvec = (int)((nc + 15) / 16);
   __m512 s[4], b[4];
   __mmask16 m[4];
-  for (int v = 0; v < nvec; ++v) {
-    const int64_t left = nc - 16 * v;
-    m[v] = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-    s[v] = _mm512_maskz_loadu_ps(m[v], ep.scale + ep.channel_offset + c0 + 16 * v);
-    b[v] = _mm512_maskz_loadu_ps(m[v], ep.bias + ep.channel_offset + c0 + 16 * v);
-  }
+  const int nvec = load_tile_params(ep, c0, nc, s, b, m);
   const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
   __m512i mx = _mm512_setzero_si512();
   for (int64_t i = 0; i < nr; ++i)
@@ -526,7 +528,11 @@ QK_TARGET_AVX512 uint32_t tile_abs_max_avx512(const Int8Epilogue& ep, int64_t nr
       const __m512i a = _mm512_and_si512(_mm512_castps_si512(y), magnitude);
       mx = _mm512_mask_max_epu32(mx, _mm512_cmplt_epu32_mask(a, inf), mx, a);  // Inf and NaN left out
     }
-  return _mm512_reduce_max_epu32(mx);
+  // the lanes reduced from memory: GCC 12's _mm512_reduce_max_epu32 (and its 512 -> 256 casts) warn about
+  // an uninitialised temporary of their own; 16 scalar maxima per tile cost nothing next to the tile
+  alignas(64) uint32_t lanes[16];
+  _mm512_store_si512(lanes, mx);
+  return *std::max_element(lanes, lanes + 16);
 }
 
 uint32_t tile_abs_max(const Int8Epilogue& ep, int64_t nr, int64_t c0, int64_t nc, const int32_t* C, int64_t ldc) {
