@@ -1,8 +1,9 @@
 """int8 convolutions of qkernels on every distinct conv shape of MobileNet-v1-SSD 300x300.
 
-Ours: qkernels.conv2d_int8 on channels-last int8 input, the epilogue a model uses: per-channel scale,
-bias and ReLU with int8 output for the body and extra layers (the next layer reads it directly), bias
-with float32 output for the heads.
+Ours: qkernels.conv2d_int8_packed (weights packed once by pack_conv2d_int8_weight, as an int8 layer does
+and as the torch.ao peer's are prepacked) on channels-last int8 input, the epilogue a model uses:
+per-channel scale, bias and ReLU with int8 output for the body and extra layers (the next layer reads it
+directly), bias with float32 output for the heads.
 Peers, measured in the same run:
 - "fp32": F.conv2d in float32 with bias on channels-last input (oneDNN on CPU, cuDNN on GPU);
 - "fp16" (GPU only): the same in float16;
@@ -67,9 +68,11 @@ def make_layer(layer, batch, device):
     body = kind != "head"
     out_dtype, act = (torch.int8, "relu") if body else (torch.float32, None)
 
+    packed = qkernels.pack_conv2d_int8_weight(w8d, g)
+
     def ours(x):
-        return qkernels.conv2d_int8(x, w8d, biasd, stride=s, padding=pad, groups=g, scale=scaled,
-                                    out_dtype=out_dtype, activation=act)
+        return qkernels.conv2d_int8_packed(x, w8d, packed, biasd, stride=s, padding=pad, groups=g, scale=scaled,
+                                           out_dtype=out_dtype, activation=act)
 
     wf = w8.float().to(device)
     xf_list = [x.float() for x in xs]
@@ -110,10 +113,11 @@ def run(device, quick, batches):
     layers = [l for l in mobilenet_ssd_convs() if not quick or l[1] in QUICK_NAMES]
     sections, summary = [], {}
     for batch in batches:
-        sec = common.Section("conv_int8_b%d" % batch, "MobileNet-SSD convs, batch %d: conv2d_int8 vs peers" % batch)
-        sec.notes.append("ours: int8 in, per-channel scale + bias + relu -> int8 out (heads: bias -> float32); "
-                         "fp32/fp16: F.conv2d with bias, channels-last; torch.ao: quantized.conv2d(_relu), x86 "
-                         "engine, quint8 in/out. Ratio = peer time / ours.")
+        sec = common.Section("conv_int8_b%d" % batch, "MobileNet-SSD convs, batch %d: conv2d_int8_packed vs peers" % batch)
+        sec.notes.append("ours: conv2d_int8_packed (weights packed once), int8 in, per-channel scale + bias + relu "
+                         "-> int8 out (heads: bias -> float32); fp32/fp16: F.conv2d with bias, channels-last; "
+                         "torch.ao: quantized.conv2d(_relu) (prepacked weights), x86 engine, quint8 in/out. "
+                         "Ratio = peer time / ours.")
         per_kind = {}
         for layer in layers:
             kind, name = layer[0], layer[1]
