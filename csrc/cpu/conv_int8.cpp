@@ -305,6 +305,13 @@ void depthwise_vnni512(const DepthwiseArgs& a, const DwVnniWeights& wv, int8_t* 
   }
 }
 
+// A thread's copy of a: every row into `row` when that is sized (the values-only pass), else into out.
+DepthwiseArgs with_row_buffer(const DepthwiseArgs& a, std::vector<float>& row) {
+  DepthwiseArgs t = a;
+  if (!row.empty()) t.row_out = row.data();
+  return t;
+}
+
 // max |y| of output row (b, oh) of float NHWC rows as written (the paths that gather it per row, from cache)
 uint32_t row_abs_max_bits(const DepthwiseArgs& a, int64_t b, int64_t oh) {
   return finite_abs_max_bits(reinterpret_cast<const float*>(row_base(a, b, oh)), a.s->OW * a.s->C);
@@ -331,8 +338,7 @@ void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8Co
       std::vector<int8_t> mem(dw_buffer_columns(s) * kDwColumnBytes + 64);
       int8_t* buf = mem.data() + (64 - reinterpret_cast<uintptr_t>(mem.data()) % 64) % 64;  // aligned stores
       std::vector<float> row(row_floats);
-      DepthwiseArgs ta = a;
-      if (values_only) ta.row_out = row.data();
+      const DepthwiseArgs ta = with_row_buffer(a, row);
       uint32_t m = 0;
       for (int64_t r = r0; r < r1; ++r) {
         depthwise_vnni512(ta, wv, buf, r / s.OH, r % s.OH);
@@ -361,8 +367,7 @@ void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8Co
             a.w = w16.data();
           });
           std::vector<float> row(row_floats);
-          DepthwiseArgs ra = a;
-          if (values_only) ra.row_out = row.data();
+          const DepthwiseArgs ra = with_row_buffer(a, row);
           depthwise_row_avx2(ra, b, oh);
           if (abs_max != nullptr) abs_max->merge(row_abs_max_bits(ra, b, oh));
         },
@@ -373,8 +378,7 @@ void depthwise_conv(const at::Tensor& xc, const at::Tensor& weight, const Int8Co
   a.w = w16.data();
   at::parallel_for(0, s.N * s.OH, 1, [&](int64_t r0, int64_t r1) {
     std::vector<float> row(row_floats);
-    DepthwiseArgs ta = a;
-    if (values_only) ta.row_out = row.data();
+    const DepthwiseArgs ta = with_row_buffer(a, row);
     uint32_t m = 0;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / s.OH, oh = r % s.OH;
@@ -693,6 +697,13 @@ at::Tensor conv2d_int8_packed_cpu(const at::Tensor& x, const at::Tensor& weight,
   return conv2d_int8_impl(x, weight, &packed, bias, stride, padding, dilation, groups, scale, out_dtype, activation);
 }
 
+// The max a sink gathered, as the 0-dim float tensor the ops return.
+at::Tensor abs_max_tensor(const at::Tensor& like, const AbsMaxSink& sink) {
+  at::Tensor m = at::empty({}, like.options().dtype(at::kFloat));
+  *m.data_ptr<float>() = sink.value();
+  return m;
+}
+
 // The float output of conv2d_int8_packed and its max |y| (what abs_max(out) returns), the latter gathered by
 // the kernels as they write: a dynamic (abs_max) next layer quantizes with it without a reduction pass.
 std::tuple<at::Tensor, at::Tensor> conv2d_int8_packed_abs_max_cpu(
@@ -702,9 +713,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_int8_packed_abs_max_cpu(
   AbsMaxSink sink;
   at::Tensor out = conv2d_int8_impl(x, weight, &packed, bias, stride, padding, dilation, groups, scale, at::kFloat,
                                     activation, &sink);
-  at::Tensor m = at::empty({}, x.options().dtype(at::kFloat));
-  *m.data_ptr<float>() = sink.value();
-  return {out, m};
+  return {out, abs_max_tensor(x, sink)};
 }
 
 // The int8 codes a dynamic (abs_max, 8-bit) reader of the float output y would quantize it to, with the scale
@@ -721,32 +730,27 @@ std::tuple<at::Tensor, at::Tensor> conv2d_int8_packed_requant_abs_max_cpu(
     c10::string_view activation) {
   TORCH_CHECK(activation != "relu6", "qkernels: conv2d_int8_packed_requant_abs_max cannot fold relu6 (its clamp at 6 "
               "is not one in codes of the batch scale); use conv2d_int8_packed_abs_max");
-  Int8ConvShape s = check_conv2d_int8(x, weight, bias, stride, padding, dilation, groups, scale, at::kChar, activation);
-  at::Tensor m = at::empty({}, x.options().dtype(at::kFloat));
-  *m.data_ptr<float>() = 0.f;
-  at::Tensor out = new_conv_output(x, s);
-  if (out.numel() == 0) return {out, m};
-  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  ChannelParams p(scale, bias, s.O);
-  AbsMaxSink sink;
-  const int64_t K = s.kh * s.kw * (s.C / s.groups);
-  if (int8_isa() < Int8Isa::kAvxVnni && K > 64) {  // one pass: y as float, then its codes
-    Int8ConvShape as_float = s;
-    as_float.out_kind = kOutFloat;
-    at::Tensor y = new_conv_output(x, as_float);
-    run_conv(xc, weight, &packed, as_float, p, y, &sink);
-    *m.data_ptr<float>() = sink.value();
+  const Int8ConvShape s =
+      check_conv2d_int8(x, weight, bias, stride, padding, dilation, groups, scale, at::kChar, activation);
+  if (int8_isa() < Int8Isa::kAvxVnni && s.kh * s.kw * (s.C / s.groups) > 64) {  // one pass: y as float, quantized
+    const auto [y, m] =
+        conv2d_int8_packed_abs_max_cpu(x, weight, packed, bias, stride, padding, dilation, groups, scale, activation);
     static const auto quantize = c10::Dispatcher::singleton()
                                      .findSchemaOrThrow("qkernels::quantize_with_scale", "")
                                      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
     return {quantize.call(y, m, 8), m};
   }
+  AbsMaxSink sink;
+  at::Tensor out = new_conv_output(x, s);
+  if (out.numel() == 0) return {out, abs_max_tensor(x, sink)};
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  ChannelParams p(scale, bias, s.O);
   Int8ConvShape first = s;
   first.out_kind = kOutNone;
   at::Tensor none;
   run_conv(xc, weight, &packed, first, p, none, &sink);
+  const at::Tensor m = abs_max_tensor(x, sink);
   const float y_max = sink.value();
-  *m.data_ptr<float>() = y_max;
   // 127 / max (0 for an unusable max: codes 0, as quantize_with_scale gives). The epilogue's saturation at
   // +-127 is then the clip to [-max, max] (an infinite y gives +-127 both ways; 8-bit codes only).
   const float f = make_params(y_max, bin_count(8)).inv_step;

@@ -156,6 +156,7 @@ struct Int8PackedQ {
   int64_t rows = 0, Kp = 0;  // Kp: K as padded for isa (int8_packed_q_kp)
 };
 int64_t int8_packed_q_bytes(Int8Isa isa, int64_t rows, int64_t K);
+// K as every packed layout pads it for isa: to 64 for AMX with K >= 64, else to 4 (Avx2PackedQ too).
 int64_t int8_packed_q_kp(Int8Isa isa, int64_t K);
 void int8_pack_q(Int8Isa isa, Int8RowSource Q, int64_t rows, int64_t K, int8_t* dst);
 // int8_gemm with Q packed by int8_pack_q for the same isa and K.

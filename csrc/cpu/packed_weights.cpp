@@ -37,9 +37,6 @@ int64_t data_offset(int64_t groups) { return round_up(kHeader + groups, 64); }
 int64_t group_bytes(Int8Isa isa, int64_t Og, int64_t K) {
   return isa == Int8Isa::kAvx2 ? avx2_packed_q_bytes(Og, K) : int8_packed_q_bytes(isa, Og, K);
 }
-int64_t group_kp(Int8Isa isa, int64_t K) {
-  return isa == Int8Isa::kAvx2 ? round_up(std::max<int64_t>(K, 1), 4) : int8_packed_q_kp(isa, K);
-}
 
 }  // namespace
 
@@ -65,7 +62,7 @@ at::Tensor pack_conv2d_int8_weight_cpu(const at::Tensor& weight, int64_t groups)
   const int64_t Og = O / groups, K = kh * kw * Cg, per_group = group_bytes(isa, Og, K);
   at::Tensor blob = at::empty({data_offset(groups) + groups * per_group}, bytes);
   int8_t* base = blob.data_ptr<int8_t>();
-  const Header h{kMagic, (int64_t)isa, O, Cg, kh, kw, groups, group_kp(isa, K)};
+  const Header h{kMagic, (int64_t)isa, O, Cg, kh, kw, groups, int8_packed_q_kp(isa, K)};
   std::memcpy(base, &h, sizeof h);
   std::memset(base + kHeader, 0, data_offset(groups) - kHeader);
   const at::Tensor rows = weight.permute({0, 2, 3, 1}).contiguous();  // patch order (kh, kw, c)
@@ -89,7 +86,7 @@ PackedConvWeights packed_conv_weights(const at::Tensor& blob, const Int8ConvShap
   if (!read_header(blob, &h)) return v;
   const int64_t Cg = s.C / s.groups, K = s.kh * s.kw * Cg;
   const bool fits = h.magic == kMagic && h.isa == (int64_t)isa && h.O == s.O && h.Cg == Cg && h.kh == s.kh &&
-                    h.kw == s.kw && h.groups == s.groups && h.Kp == group_kp(isa, K) &&
+                    h.kw == s.kw && h.groups == s.groups && h.Kp == int8_packed_q_kp(isa, K) &&
                     blob.numel() == data_offset(s.groups) + s.groups * group_bytes(isa, s.O / s.groups, K);
   if (!fits) return v;
   v.valid = true;

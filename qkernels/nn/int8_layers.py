@@ -26,11 +26,11 @@ Int8Conv2d whose output only dynamic int8 layers read (``hands_abs_max``, set by
 traced forward) takes that abs max while its kernels write the floats
 (``conv2d_int8_packed_abs_max``) and hands it to the readers through the chain scope, for exactly that
 output tensor: they quantize with it instead of reducing over the tensor again (same codes, bit for bit).
-On the CPU, where the readers all take 8-bit codes and the layer has no ReLU6 (``hands_codes``), it writes those codes itself instead of the floats
-(``conv2d_int8_packed_requant_abs_max``: where the product is cheap its kernels run twice, first for the
-abs max alone, then writing codes with the scale folded into the epilogue as for chained static layers, so
-a code may move one step on a rounding tie): the float tensor, four bytes a value written and read back,
-was most of a dynamic model's time on large maps.
+On the CPU, where the readers all take 8-bit codes and the layer has no ReLU6 (``hands_codes``), it writes
+those codes itself instead of the floats (``conv2d_int8_packed_requant_abs_max``: where the product is
+cheap its kernels run twice, first for the abs max alone, then writing codes with the scale folded into
+the epilogue as for chained static layers, so a code may move one step on a rounding tie): the float
+tensor, four bytes a value written and read back, was most of a dynamic model's time on large maps.
 
 State (``state_dict``): ``weight`` (int8; or uint8 = code + 128 with ``weight_storage="uint8"``, converted
 back to int8 on load), ``weight_scale``, ``bias``, ``input_scale`` (static types), ``bn_factor`` (folded

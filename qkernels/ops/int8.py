@@ -199,18 +199,12 @@ def conv2d_int8_packed_requant_abs_max(
 @torch.library.impl("qkernels::conv2d_int8_packed_requant_abs_max", "CUDA")
 def _conv2d_int8_packed_requant_abs_max_cuda(x, weight, packed, bias, stride, padding, dilation, groups, scale,
                                              activation):
-    # The same two passes from the CUDA ops: the float output for its abs max, then the codes with bin / max
-    # folded into scale and bias (0 for an unusable max, as quantize_with_scale does), on the device.
+    # From the CUDA ops, the one-pass form of the CPU kernels: the float output and its abs max, then its
+    # codes (exact). relu6 is refused as on the CPU, so the op's contract does not depend on the device.
     torch._check(activation != "relu6", lambda: "qkernels: conv2d_int8_packed_requant_abs_max cannot fold relu6")
     y, m = _conv2d_int8_packed_abs_max_cuda(x, weight, packed, bias, stride, padding, dilation, groups, scale,
                                             activation)
-    usable = (m > 1e-30) & torch.isfinite(m)
-    f = torch.where(usable, 127.0 / torch.where(usable, m, torch.ones_like(m)), torch.zeros_like(m))
-    o = weight.shape[0]
-    b = bias if bias is not None else torch.zeros(o, device=x.device, dtype=torch.float32)
-    codes = ops.conv2d_int8_packed(x, weight, packed, b * f, stride, padding, dilation, groups,
-                                   scale.expand(o) * f if scale.numel() == 1 else scale * f, torch.int8, activation)
-    return codes, m
+    return ops.quantize_with_scale(y, m, 8), m
 
 
 # --- fake (meta) kernels: shapes and dtypes only, so torch.compile traces without graph breaks ------
