@@ -33,7 +33,8 @@ def assert_codes_of(codes, y, m, what):
     assert codes.is_contiguous(memory_format=torch.channels_last), what
     diff = (codes.int() - want.int()).abs()
     off = diff > 0
-    assert int(diff.max()) <= 1 if diff.numel() else True, what
+    if diff.numel():
+        assert int(diff.max()) <= 1, what
     if off.any():
         v = (y.double() * 127 / m.double())[off]
         assert ((v.abs() - v.abs().floor() - 0.5).abs() < 1e-4).all(), (what, v)
